@@ -1,0 +1,1 @@
+"""Operator backends that plug in underneath any problem's model (see docs/backends)."""
