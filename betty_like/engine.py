@@ -12,6 +12,7 @@ differentiates through them has stepped.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -256,7 +257,16 @@ class Engine:
             torch.manual_seed(self.config.seed)
         for _ in range(self.config.train_iters):
             self.step()
+        self.sync()
         return self
+
+    def sync(self) -> None:
+        """Write every open unrolled window into the real modules and optimizers.
+
+        Called at the end of :meth:`run`, so that the user's modules hold the trained weights even
+        if training stopped between an unrolled step and the upper step that would consume it.
+        """
+        self._close_windows(self.graph.names)
 
     def step(self) -> None:
         """One iteration: every leaf problem steps once, and whatever becomes ready steps after it."""
@@ -348,7 +358,7 @@ class Engine:
         if problem.scheduler is not None:
             problem.scheduler.step()
         if self.graph.lowers(name):
-            self._close_windows(name)
+            self._close_windows(self.graph.descendants(name))
         state.loss = float(loss.detach())
         return True
 
@@ -383,18 +393,23 @@ class Engine:
         loss = self.loss(name, state.batch, params)
         if not self._finite_or_skip(name, loss.detach()):
             return False
-        grads = dict(zip(start, torch.autograd.grad(loss, list(start.values()), create_graph=keep_graph), strict=False))
+        grads = dict(
+            zip(start, torch.autograd.grad(loss, list(start.values()), create_graph=keep_graph), strict=False)
+        )
         if problem.config.grad_clip is not None:
             grads = _clip(grads, problem.config.grad_clip)
         state.fast, state.fast_state = state.functional.step(origin, grads, state.fast_state)
         if problem.scheduler is not None:
-            problem.scheduler.step()
+            with warnings.catch_warnings():
+                # the update happened functionally, so torch's "optimizer.step() was never called" check misfires
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                problem.scheduler.step()
         state.loss = float(loss.detach())
         return True
 
-    def _close_windows(self, upper: str) -> None:
-        """After ``upper`` stepped, write the unrolled weights below it into the real modules."""
-        for name in self.graph.descendants(upper):
+    def _close_windows(self, names: Iterable[str]) -> None:
+        """Write the unrolled weights of ``names`` into the real modules (after their upper problem stepped)."""
+        for name in names:
             state = self._states[name]
             if state.fast is None:
                 continue

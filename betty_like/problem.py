@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 
+# Attributes of every problem, and of the nn.Module that holds all problems' modules by name.
+_RESERVED = frozenset({"name", "module", "optimizer", "scheduler", "data", "config"}) | frozenset(
+    dir(nn.Module)
+)
+
+
 class Problem(ABC):
     """One optimization problem (level) of a multilevel program.
 
@@ -48,7 +54,7 @@ class Problem(ABC):
     ) -> None:
         if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise ValueError(f"problem name {name!r} is not a Python identifier: use letters, digits and '_'")
-        if name.startswith("_") or hasattr(type(self), name):
+        if name.startswith("_") or hasattr(type(self), name) or name in _RESERVED:
             raise ValueError(
                 f"problem name {name!r} clashes with an attribute of {type(self).__name__}: choose another name"
             )

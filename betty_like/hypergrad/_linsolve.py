@@ -120,7 +120,9 @@ def dense(matvec: MatVec, b: Params) -> tuple[Params, SolveInfo]:
         unit = torch.zeros_like(flat_b)
         unit[i] = 1.0
         pieces = torch.split(unit, sizes)
-        column = matvec({n: piece.reshape(s).to(b[n].dtype) for n, piece, s in zip(names, pieces, shapes, strict=False)})
+        column = matvec(
+            {n: piece.reshape(s).to(b[n].dtype) for n, piece, s in zip(names, pieces, shapes, strict=False)}
+        )
         columns.append(torch.cat([column[n].reshape(-1) for n in names]).to(torch.float64))
     matrix = torch.stack(columns, dim=1)
     solution = torch.linalg.solve(matrix, flat_b)
@@ -129,4 +131,6 @@ def dense(matvec: MatVec, b: Params) -> tuple[Params, SolveInfo]:
     info.residuals.append(float(residual))
     info.converged = True
     pieces = torch.split(solution, sizes)
-    return {n: piece.reshape(s).to(b[n].dtype) for n, piece, s in zip(names, pieces, shapes, strict=False)}, info
+    return {
+        n: piece.reshape(s).to(b[n].dtype) for n, piece, s in zip(names, pieces, shapes, strict=False)
+    }, info
