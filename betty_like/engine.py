@@ -12,6 +12,7 @@ differentiates through them has stepped.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -180,8 +181,12 @@ class Engine:
 
     def loss(self, name: str, batch: Any, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Problem ``name``'s loss on ``batch`` with ``params`` substituted (default: current ones), checked."""
-        params = self.current_params() if params is None else params
-        loss = call_with(self._modules, params, self.problems[name].training_step, batch)
+        step = self.problems[name].training_step
+        if params is None and all(state.fast is None for state in self._states.values()):
+            loss = step(batch)  # the modules already hold the current parameters: no substitution needed
+        else:
+            params = self.current_params() if params is None else params
+            loss = call_with(self._modules, params, step, batch)
         if not torch.is_tensor(loss):
             raise TypeError(
                 f"problem {name!r}: training_step must return a scalar tensor, got {type(loss).__name__} "
@@ -192,7 +197,7 @@ class Engine:
                 f"problem {name!r}: training_step returned a tensor of shape {tuple(loss.shape)} at iteration "
                 f"{self.iteration}; return a scalar, e.g. loss.mean()"
             )
-        return loss.reshape(())
+        return loss if loss.dim() == 0 else loss.reshape(())
 
     def batch(self, name: str) -> Any:
         """The batch problem ``name`` used last, drawing its first one if it has none yet."""
@@ -229,9 +234,11 @@ class Engine:
             return _to_device(batch, self.device) if self.device is not None else batch
         raise AssertionError("unreachable: the loop above returns or raises")
 
-    def _finite_or_skip(self, name: str, loss: Tensor) -> bool:
-        if bool(torch.isfinite(loss)):
-            return True
+    def _finite_or_skip(self, name: str, loss: Tensor) -> float | None:
+        """The loss as a float (one host sync, shared with logging), or None if the step is to be skipped."""
+        value = float(loss.detach())
+        if math.isfinite(value):
+            return value
         state = self._states[name]
         if state.problem.config.on_nonfinite == "skip":
             self.skipped[name] += 1
@@ -239,9 +246,9 @@ class Engine:
                 f"skip:{name}",
                 f"problem {name!r}: non-finite loss, skipping its steps (counted in engine.skipped)",
             )
-            return False
+            return None
         raise FloatingPointError(
-            f"problem {name!r}: training_step returned {float(loss)} at iteration {self.iteration} (its step "
+            f"problem {name!r}: training_step returned {value} at iteration {self.iteration} (its step "
             f"{state.steps}); fix the loss, lower the learning rate, or set ProblemConfig(on_nonfinite='skip')"
         )
 
@@ -327,40 +334,45 @@ class Engine:
         return state.steps > state.problem.config.warmup_steps
 
     def _optimizer_step(self, name: str) -> bool:
+        """A real step of the user's optimizer, on the gradient or (with lower problems) the hypergradient."""
         state = self._states[name]
         problem = state.problem
+        leaves = list(state.leaves.values())
+        problem.optimizer.zero_grad(set_to_none=True)
         if self.graph.lowers(name):
             loss, grads, infos = backprop.hypergradient(self, name)
-            self.hypergrad_info[name] = infos
-            for lower, info in infos.items():
-                if info.solve is not None and info.solve.negative_curvature:
-                    self._warn_once(
-                        f"curvature:{lower}",
-                        f"problem {lower!r}: cg met non-positive curvature; set ProblemConfig(damping=...) "
-                        "or use neumann",
-                    )
+            self._record_infos(name, infos)
+            value = self._finite_or_skip(name, loss)
+            if value is None:
+                return False
+            for key, leaf in state.leaves.items():
+                leaf.grad = grads[key].detach().to(leaf.dtype)
         else:
             loss = self.loss(name, state.batch)
-            grads = None
-        if not self._finite_or_skip(name, loss.detach()):
-            return False
-        if grads is None:
-            computed = torch.autograd.grad(loss, list(state.leaves.values()), allow_unused=True)
-            grads = dict(zip(state.leaves, computed, strict=False))
-        state.gradient = {k: g.detach() for k, g in grads.items() if g is not None}
-        for key, leaf in state.leaves.items():
-            g = state.gradient.get(key)
-            leaf.grad = None if g is None else g.to(leaf.dtype)
+            value = self._finite_or_skip(name, loss)
+            if value is None:
+                return False
+            torch.autograd.backward(loss, inputs=leaves)  # only this problem's parameters receive gradients
+        state.gradient = {k: leaf.grad for k, leaf in state.leaves.items() if leaf.grad is not None}
         if problem.config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(state.leaves.values()), problem.config.grad_clip)
+            state.gradient = {k: g.clone() for k, g in state.gradient.items()}
+            torch.nn.utils.clip_grad_norm_(leaves, problem.config.grad_clip)
         problem.optimizer.step()
-        problem.optimizer.zero_grad(set_to_none=True)
         if problem.scheduler is not None:
             problem.scheduler.step()
         if self.graph.lowers(name):
             self._close_windows(self.graph.descendants(name))
-        state.loss = float(loss.detach())
+        state.loss = value
         return True
+
+    def _record_infos(self, name: str, infos: dict[str, HypergradInfo]) -> None:
+        self.hypergrad_info[name] = infos
+        for lower, info in infos.items():
+            if info.solve is not None and info.solve.negative_curvature:
+                self._warn_once(
+                    f"curvature:{lower}",
+                    f"problem {lower!r}: cg met non-positive curvature; set ProblemConfig(damping=...) or use neumann",
+                )
 
     def _unrolled_step(self, name: str) -> bool:
         """A differentiable step: the new weights keep their graph to the upper parameters.
@@ -391,7 +403,8 @@ class Engine:
                 context = {k: v.detach() for k, v in context.items()}
             params = {**context, **start}
         loss = self.loss(name, state.batch, params)
-        if not self._finite_or_skip(name, loss.detach()):
+        value = self._finite_or_skip(name, loss)
+        if value is None:
             return False
         grads = dict(
             zip(start, torch.autograd.grad(loss, list(start.values()), create_graph=keep_graph), strict=False)
@@ -404,7 +417,7 @@ class Engine:
                 # the update happened functionally, so torch's "optimizer.step() was never called" check misfires
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
                 problem.scheduler.step()
-        state.loss = float(loss.detach())
+        state.loss = value
         return True
 
     def _close_windows(self, names: Iterable[str]) -> None:

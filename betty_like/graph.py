@@ -83,6 +83,9 @@ class Graph:
         self.order = _topological_order(self.names, self.u2l, "u2l")
         _topological_order(self.names, self.l2u, "l2u")
         self._descendants = {n: self._reach(n) for n in self.names}
+        self._uppers = {n: [u for u in self.names if n in self.u2l[u]] for n in self.names}
+        self._lowers = {n: [low for low in self.names if n in self.l2u[low]] for n in self.names}
+        self._leaves = [n for n in self.names if not self._lowers[n]]
         self._check_partners()
 
     def _reach(self, start: str) -> set[str]:
@@ -119,11 +122,11 @@ class Graph:
 
     def uppers(self, name: str) -> list[str]:
         """Problems whose parameters appear in ``name``'s loss."""
-        return [u for u in self.names if name in self.u2l[u]]
+        return list(self._uppers[name])
 
     def lowers(self, name: str) -> list[str]:
         """Problems whose solutions ``name``'s loss reads."""
-        return [low for low in self.names if name in self.l2u[low]]
+        return list(self._lowers[name])
 
     def readers(self, name: str) -> list[str]:
         """Problems that read ``name``'s solution (its l2u targets)."""
@@ -135,4 +138,4 @@ class Graph:
 
     def leaves(self) -> list[str]:
         """Problems that read no lower solution: the engine steps them every iteration."""
-        return [n for n in self.names if not self.lowers(n)]
+        return list(self._leaves)

@@ -192,8 +192,11 @@ class FinetuneValidation(ValidationLoss):
     lower_name = "finetune"
 
 
-def chain(method: str, *, unroll_steps: int = 1, **config) -> Bilevel:
-    """hyper (top) -> pretrain (middle) -> finetune (bottom) -> validation loss read by the top."""
+def chain(method: str, *, unroll_steps: int = 1, pretrain_method: str | None = None, **config) -> Bilevel:
+    """hyper (top) -> pretrain (middle) -> finetune (bottom) -> validation loss read by the top.
+
+    ``method`` is used by both lower levels unless ``pretrain_method`` sets the middle one apart.
+    """
     d = 4
     x1, y1 = regression_data(30, d, seed=4)
     x2, y2 = regression_data(20, d, seed=5)
@@ -208,6 +211,7 @@ def chain(method: str, *, unroll_steps: int = 1, **config) -> Bilevel:
     g1 = rho * torch.linalg.solve(h2, g2)
     exact = -torch.linalg.solve(h1, g1) * torch.exp(lam) * w1
     cfg = ProblemConfig(hypergrad=method, unroll_steps=unroll_steps, **config)
+    pretrain_cfg = ProblemConfig(hypergrad=pretrain_method or method, unroll_steps=unroll_steps, **config)
     m1, m2 = linear(d, w1), linear(d, w2)
     lr1 = 1.0 / float(torch.linalg.eigvalsh(h1).max())
     lr2 = 1.0 / float(torch.linalg.eigvalsh(h2).max())

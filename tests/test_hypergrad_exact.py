@@ -112,3 +112,13 @@ def test_cg_is_not_fooled_by_a_few_iterations():
     err_many = relative_error(engine_hypergradient(many), many.exact)
     assert err_many < 1e-10 < 1e-3 < err_few
     assert few.engine.hypergrad_info["weights"]["inner"].solve.iterations == 1
+
+
+@pytest.mark.parametrize(
+    ("pretrain", "finetune"), [("cg", "unroll"), ("unroll", "cg"), ("neumann", "fixed_point")]
+)
+def test_levels_may_mix_methods(pretrain, finetune):
+    # gradients cross from an unrolled graph into an implicit push and back, level by level
+    steps = 200 if "unroll" in (pretrain, finetune) else 1
+    case = chain(finetune, pretrain_method=pretrain, unroll_steps=steps)
+    assert relative_error(engine_hypergradient(case), case.exact) < 1e-6

@@ -29,5 +29,10 @@ def update_residual(ctx: HypergradContext) -> Residual:
 
 
 def hypergrad(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
+    if ctx.optimizer.learning_rate() <= 0:
+        raise ValueError(
+            f"fixed_point for problem {ctx.optimizer.owner!r} differentiates its optimizer's update, which is the "
+            "identity at learning rate 0: give the optimizer a positive learning rate, or use hypergrad='cg'"
+        )
     solve = partial(neumann, iterations=ctx.config.iterations, tol=default_tolerance(ctx), alpha=1.0)
     return root_vjp(ctx, update_residual(ctx), solve, "fixed_point")

@@ -18,5 +18,10 @@ def hypergrad(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
     ``alpha < 2 / L``).
     """
     alpha = ctx.config.alpha if ctx.config.alpha is not None else ctx.optimizer.learning_rate()
+    if alpha <= 0:
+        raise ValueError(
+            f"neumann for problem {ctx.optimizer.owner!r} needs a positive step size, but alpha defaults to the "
+            f"learning rate, which is {alpha}: set ProblemConfig(alpha=...) below 2 / (largest Hessian eigenvalue)"
+        )
     solve = partial(neumann, iterations=ctx.config.iterations, tol=default_tolerance(ctx), alpha=alpha)
     return root_vjp(ctx, gradient_residual(ctx), solve, "neumann")
