@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from closed_form import chain, ridge, sample_weights
 
 from betty_like import check_hypergradient
+from betty_like.testing.closed_form import chain, ridge, sample_weights
 
 PROBLEMS = {"ridge": ridge, "sample_weights": sample_weights, "chain": chain}
 IMPLICIT = ["neumann", "cg", "fixed_point"]

@@ -8,9 +8,9 @@ partial-Hessian rule, checked here against its closed form.
 
 import pytest
 import torch
-from closed_form import DTYPE, Scalar, linear, regression_data
 
 from betty_like import Engine, EngineConfig, Problem, ProblemConfig
+from betty_like.testing.closed_form import DTYPE, Scalar, linear, regression_data
 
 RHO = 0.7
 
@@ -91,7 +91,7 @@ def test_nested_three_levels(method):
     [("neumann", "alpha defaults to the learning rate"), ("fixed_point", "identity at learning rate 0")],
 )
 def test_step_size_methods_refuse_a_zero_learning_rate(method, message):
-    from closed_form import ridge
+    from betty_like.testing import ridge
 
     case = ridge(method, lr=0.0)
     with pytest.raises(ValueError, match=f"problem 'inner'.*{message}"):

@@ -1,4 +1,8 @@
-"""Closed-form multilevel problems in float64 with exact hypergradients from ``torch.linalg.solve``."""
+"""Closed-form multilevel problems in float64 whose exact hypergradients come from ``torch.linalg.solve``.
+
+Each builder returns a :class:`Bilevel` with a ready :class:`~betty_like.Engine` whose lower problems start at
+their exact solutions, and the exact hypergradient of the upper problem (``case.exact``).
+"""
 
 from __future__ import annotations
 
