@@ -236,3 +236,20 @@ def test_abstract_training_step():
 
     with pytest.raises(TypeError, match="training_step"):
         Forgot("forgot")
+
+
+class ConcaveInner(Inner):
+    def training_step(self, batch):
+        x, _ = batch
+        return -((self.module(x).squeeze(-1) * self.outer.module.scale) ** 2).mean()
+
+
+def test_cg_reports_negative_curvature_once_and_damping_is_a_remedy(caplog):
+    engine, _, _ = bilevel(
+        ProblemConfig(hypergrad="cg"), inner_cls=ConcaveInner, engine_config=EngineConfig(train_iters=3)
+    )
+    with caplog.at_level("WARNING", logger="betty_like"):
+        engine.run()
+    warnings = [r for r in caplog.records if "non-positive curvature" in r.getMessage()]
+    assert len(warnings) == 1 and "damping" in warnings[0].getMessage()
+    assert engine.hypergrad_info["outer"]["inner"].solve.negative_curvature

@@ -220,7 +220,11 @@ def chain(method: str, *, unroll_steps: int = 1, pretrain_method: str | None = N
     lr1 = 1.0 / float(torch.linalg.eigvalsh(h1).max())
     lr2 = 1.0 / float(torch.linalg.eigvalsh(h2).max())
     pretrain = Pretrain(
-        "pretrain", module=m1, optimizer=torch.optim.SGD(m1.parameters(), lr=lr1), data=[(x1, y1)], config=pretrain_cfg
+        "pretrain",
+        module=m1,
+        optimizer=torch.optim.SGD(m1.parameters(), lr=lr1),
+        data=[(x1, y1)],
+        config=pretrain_cfg,
     )
     finetune = Finetune(
         "finetune", module=m2, optimizer=torch.optim.SGD(m2.parameters(), lr=lr2), data=[(x2, y2)], config=cfg
