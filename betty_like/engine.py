@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import backprop
+from ._data import BatchStream
 from ._functional import ProblemModules, call_with
 from .config import EngineConfig
 from .graph import Graph
@@ -42,7 +43,7 @@ class _ProblemState:
     functional: FunctionalOptimizer
     unrolls: bool
     window_length: int
-    iterator: Iterator[Any] | None = None
+    stream: BatchStream
     batch: Any = None
     steps: int = 0
     rounds: int = 0
@@ -52,16 +53,6 @@ class _ProblemState:
     window_steps: int = 0
     loss: float | None = None
     gradient: Params | None = None
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 class Engine:
@@ -158,7 +149,8 @@ class Engine:
             )
         readers = self.graph.readers(p.name)
         patience = max((self.problems[r].config.step_every for r in readers), default=1)
-        return _ProblemState(p, method, leaves, functional, unrolls, p.config.unroll_steps * patience)
+        stream = BatchStream(p.name, p.data, self.device)
+        return _ProblemState(p, method, leaves, functional, unrolls, p.config.unroll_steps * patience, stream)
 
     # ------------------------------------------------------------------ parameters and losses
     def current_params(self) -> Params:
@@ -203,36 +195,8 @@ class Engine:
         """The batch problem ``name`` used last, drawing its first one if it has none yet."""
         state = self._states[name]
         if state.batch is None:
-            state.batch = self._next_batch(name)
+            state.batch = state.stream.next(self.iteration)
         return state.batch
-
-    def _next_batch(self, name: str) -> Any:
-        state = self._states[name]
-        data = state.problem.data
-        if data is None:
-            raise ValueError(f"problem {name!r} has no data: pass data=<an iterable of batches>")
-        for attempt in range(2):
-            if state.iterator is None:
-                try:
-                    state.iterator = iter(data)
-                except TypeError:
-                    raise TypeError(
-                        f"problem {name!r}: data of type {type(data).__name__} is not iterable; pass a DataLoader, "
-                        "a list of batches or a generator"
-                    ) from None
-            try:
-                batch = next(state.iterator)
-            except StopIteration:
-                state.iterator = None
-                if attempt == 1 or iter(data) is data:
-                    raise ValueError(
-                        f"problem {name!r}: its data ran out at iteration {self.iteration} and cannot be cycled "
-                        f"({type(data).__name__} is empty or a one-shot iterator); pass a re-iterable such as a list "
-                        "or DataLoader, or an endless generator"
-                    ) from None
-                continue
-            return _to_device(batch, self.device) if self.device is not None else batch
-        raise AssertionError("unreachable: the loop above returns or raises")
 
     def _finite_or_skip(self, name: str, loss: Tensor) -> float | None:
         """The loss as a float (one host sync, shared with logging), or None if the step is to be skipped."""
@@ -325,7 +289,7 @@ class Engine:
     def _step_problem(self, name: str) -> bool:
         """One step of ``name``; returns whether it counts towards its readers (not warm-up, not skipped)."""
         state = self._states[name]
-        state.batch = self._next_batch(name)
+        state.batch = state.stream.next(self.iteration)
         warming = state.steps < state.problem.config.warmup_steps
         done = self._unrolled_step(name) if state.unrolls and not warming else self._optimizer_step(name)
         if not done:

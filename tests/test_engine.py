@@ -143,3 +143,18 @@ def test_user_modules_are_not_modified_by_the_engine():
     engine.run()
     assert [n for n, _ in inner.module.named_parameters()] == names
     assert all(isinstance(p, nn.Parameter) for p in inner.module.parameters())
+
+
+def test_device_moves_modules_and_batches():
+    class DeviceCheckingInner(Inner):
+        def training_step(self, batch):
+            x, _ = batch
+            if x.device != self.module.weight.device:
+                raise RuntimeError("batch and module on different devices")
+            return super().training_step(batch)
+
+    engine, inner, _ = bilevel(
+        engine_config=EngineConfig(train_iters=2, device="cpu"), inner_cls=DeviceCheckingInner
+    )
+    engine.run()
+    assert inner.module.weight.device.type == "cpu" and engine.state_of("outer").steps == 2
