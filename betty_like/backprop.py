@@ -69,11 +69,18 @@ def hypergradient(
         v = {k: adjoint.pop(k) for k in engine.leaves(name)}
         if method.unrolled:
             if not detach_windows:
+                if state.fast is None and state.steps > state.problem.config.warmup_steps and _nonzero(v):
+                    engine._warn_once(
+                        f"closed-window:{name}:{upper}",
+                        f"problem {upper!r} reads {name!r}, whose unrolled steps were already consumed (and written "
+                        f"back) by another upper problem, so {upper!r} gets no gradient through {name!r}; give "
+                        f"{name!r} an implicit method (cg, neumann, fixed_point) to serve several upper problems",
+                    )
                 continue  # gradients already flowed through the unrolled steps; v is the window start's
             raise ValueError(
                 f"problem {name!r}: {method.name!r} has no push; compare an implicit or finite-difference method"
             )
-        if not any(bool(t.any()) for t in v.values()):
+        if not _nonzero(v):
             continue
         upper_keys = [k for m in graph.uppers(name) if m == upper or m in below for k in engine.leaves(m)]
         lam_current = {k: current[k] for k in upper_keys}
@@ -102,3 +109,7 @@ def hypergradient(
             if k in adjoint:
                 adjoint[k] = adjoint[k] + g
     return loss, {k: adjoint[k] for k in engine.leaves(upper)}, infos
+
+
+def _nonzero(vector: Params) -> bool:
+    return any(bool(t.any()) for t in vector.values())

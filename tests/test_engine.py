@@ -158,3 +158,32 @@ def test_device_moves_modules_and_batches():
     )
     engine.run()
     assert inner.module.weight.device.type == "cpu" and engine.state_of("outer").steps == 2
+
+
+def test_an_unrolled_lower_read_by_two_uppers_warns_that_the_second_gets_nothing(caplog):
+    from toy import Scale
+
+    net, s1, s2 = nn.Linear(3, 1), Scale(), Scale()
+
+    class SharedInner(Inner):
+        def training_step(self, batch):
+            x, y = batch
+            return (
+                self.first.module.scale * self.second.module.scale * (self.module(x).squeeze(-1) - y) ** 2
+            ).mean()
+
+    inner = SharedInner(
+        "inner", module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.05), data=batches()
+    )
+    first = Outer("first", module=s1, optimizer=torch.optim.SGD(s1.parameters(), lr=0.01), data=batches())
+    second = Outer("second", module=s2, optimizer=torch.optim.SGD(s2.parameters(), lr=0.01), data=batches())
+    from betty_like import Engine
+
+    engine = Engine(
+        [first, second, inner],
+        {"u2l": {first: [inner], second: [inner]}, "l2u": {inner: [first, second]}},
+        EngineConfig(train_iters=2),
+    )
+    with caplog.at_level("WARNING", logger="betty_like"):
+        engine.run()
+    assert any("already consumed" in r.getMessage() and "'second'" in r.getMessage() for r in caplog.records)
