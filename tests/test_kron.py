@@ -1,4 +1,4 @@
-"""Kronecker backend: factored layer = dense layer, implicit SGD = dense SGD, async SGD converges and loses nothing."""
+"""Kronecker backend: factored layer = dense, implicit SGD = dense SGD, async SGD converges, loses nothing."""
 
 import pytest
 import torch
