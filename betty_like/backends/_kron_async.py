@@ -108,7 +108,7 @@ def _worker(
 
 def _one_step(s: _Shared, cols: Tensor, t: int, shift: float, lr: float):
     """Compute (not apply) the update of global step t from the current shared P."""
-    rows, pos = (s.P[:, cols] > shift).nonzero(as_tuple=True)
+    rows, pos = (s.P.index_select(1, cols) > shift).nonzero(as_tuple=True)
     result, update = compute_update(s.P[rows, cols[pos]], rows, pos, cols, s.targets, s.signs, shift, lr)
     s.losses[t] = result.loss
     return update

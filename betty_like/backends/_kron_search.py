@@ -21,11 +21,11 @@ class MaskSearch:
     """Active set by a dense comparison of the batch columns of P."""
 
     def __init__(self, values: Tensor) -> None:
-        self.values = values.clone()
+        self.values = values.clone(memory_format=torch.contiguous_format)
 
     def query(self, cols: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
         """Pairs (neuron r, batch position k) with P[r, cols[k]] > threshold."""
-        rows, pos = (self.values[:, cols] > threshold).nonzero(as_tuple=True)
+        rows, pos = (self.values.index_select(1, cols) > threshold).nonzero(as_tuple=True)
         return rows, pos
 
     def refresh(self, rows: Tensor) -> None:

@@ -7,8 +7,9 @@ combination of the batch inputs, so the weights stay in the span of their start 
     w_r(t) = w_r(0) + sum_i C[r, i] x_i,    P[r, j] = <w_r, x_j> = P0[r, j] + sum_i C[r, i] K[i, j],
 
 with the Gram matrix K = (U U^T) * (V V^T). A step on a batch B of size S reads P[:, B], finds the
-active neurons (P > b) with a search structure, and adds the coefficient change to C and
-ΔC[R, B] K[B, :] to the changed rows R of P: O(S |R| n) work, where d never appears. The iterates
+active pairs (r, j) with P[r, j] > b by a search structure, adds each pair's coefficient change
+ΔC[r, j] to C and ΔC[r, j] K[j, :] to row r of P: O(pairs * n) work, with pairs = S * (active
+neurons per input), and d never appears. The iterates
 are those of dense SGD on the materialised inputs, up to floating-point rounding.
 """
 
@@ -35,11 +36,11 @@ class StepResult:
 
 @dataclass(frozen=True)
 class Update:
-    """A step's change of the coefficients: ΔC[rows[i], cols[k]] = delta[i, k] (cols may repeat)."""
+    """A step's change of the coefficients, as pairs: ΔC[rows[i], cols[i]] += coef[i] (pairs may repeat)."""
 
     rows: Tensor
     cols: Tensor
-    delta: Tensor
+    coef: Tensor
 
 
 def default_shift(m: int) -> float:
@@ -62,17 +63,14 @@ def compute_update(
     pred = pred * scale
     err = pred - y[cols]
     loss = 0.5 * (err * err).mean()
-    changed, inverse = torch.unique(rows, return_inverse=True)
-    delta = torch.zeros(changed.numel(), size, dtype=pre.dtype, device=pre.device)
-    delta.index_put_((inverse, pos), (-lr * scale / size) * err[pos] * signs[rows], accumulate=True)
-    return StepResult(loss, pred), Update(changed, cols, delta)
+    coef = (-lr * scale / size) * err[pos] * signs[rows]
+    return StepResult(loss, pred), Update(rows, cols[pos], coef)
 
 
 def apply_update(P: Tensor, C: Tensor, K: Tensor, update: Update) -> None:
-    """Write an update into the coefficients C and the pre-activations P, in place."""
-    rows, cols, delta = update.rows, update.cols, update.delta
-    C.index_put_((rows[:, None].expand_as(delta), cols[None, :].expand_as(delta)), delta, accumulate=True)
-    P.index_add_(0, rows, delta @ K[cols])
+    """Write an update into C and P in place: one length-n row per active pair, O(pairs * n)."""
+    C.index_put_((update.rows, update.cols), update.coef, accumulate=True)
+    P.index_add_(0, update.rows, update.coef[:, None] * K[update.cols])
 
 
 class KronTwoLayerSGD:
