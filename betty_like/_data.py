@@ -1,0 +1,63 @@
+"""Endless batches from whatever iterable a problem was given."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor inside a (nested) tuple, list or dict batch to ``device``."""
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class BatchStream:
+    """Cycles a problem's data: re-iterates it when exhausted, and says clearly when it cannot.
+
+    A re-iterable (list, DataLoader) is cycled; a one-shot iterator (a generator) is used until it
+    ends, and then raises instead of hanging or silently repeating nothing.
+    """
+
+    def __init__(self, owner: str, data: Any, device: torch.device | None) -> None:
+        self.owner = owner
+        self.data = data
+        self.device = device
+        self._iterator: Iterator[Any] | None = None
+
+    def next(self, iteration: int) -> Any:
+        """The next batch; ``iteration`` only serves the error messages."""
+        if self.data is None:
+            raise ValueError(f"problem {self.owner!r} has no data: pass data=<an iterable of batches>")
+        for attempt in range(2):
+            if self._iterator is None:
+                self._iterator = self._iterate()
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                if attempt == 1 or iter(self.data) is self.data:
+                    raise ValueError(
+                        f"problem {self.owner!r}: its data ran out at iteration {iteration} and cannot be cycled "
+                        f"({type(self.data).__name__} is empty or a one-shot iterator); pass a re-iterable such as "
+                        "a list or DataLoader, or an endless generator"
+                    ) from None
+                continue
+            return to_device(batch, self.device) if self.device is not None else batch
+        raise AssertionError("unreachable: the loop above returns or raises")
+
+    def _iterate(self) -> Iterator[Any]:
+        try:
+            return iter(self.data)
+        except TypeError:
+            raise TypeError(
+                f"problem {self.owner!r}: data of type {type(self.data).__name__} is not iterable; pass a "
+                "DataLoader, a list of batches or a generator"
+            ) from None

@@ -1,0 +1,131 @@
+"""Configuration dataclasses for problems and the engine, validated on creation.
+
+Defaults favour correct hypergradients over cheap ones: implicit solvers run to a tight tolerance
+unless told otherwise. Every field is checked in ``__post_init__`` so a typo fails at construction,
+not a thousand steps into training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HYPERGRAD_METHODS = ("unroll", "first_order", "darts", "neumann", "cg", "fixed_point", "sama")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+def _require(condition: bool, owner: str, field: str, value: object, fix: str) -> None:
+    if not condition:
+        raise ValueError(f"{owner}.{field}={value!r} is invalid: {fix}")
+
+
+def _positive_int(owner: str, field: str, value: object) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    _require(ok, owner, field, value, "use an integer >= 1")
+
+
+def _optional_positive(owner: str, field: str, value: float | None) -> None:
+    _require(value is None or value > 0, owner, field, value, "use a positive number or None")
+
+
+@dataclass
+class ProblemConfig:
+    """How one problem steps and how hypergradients flow through it.
+
+    Attributes:
+        hypergrad: how an upper problem's gradient passes through *this* problem's solution:
+            ``unroll`` (reverse mode through the differentiable optimizer steps), ``first_order``
+            (unroll with the Hessian terms in this problem's own parameters dropped), ``darts``
+            (finite-difference, identity inverse Hessian), ``neumann`` / ``cg`` (implicit
+            differentiation, inverse-Hessian-vector product by a Neumann series / conjugate
+            gradient), ``fixed_point`` (implicit differentiation of the optimizer's update map) or
+            ``sama`` (darts with Adam's preconditioner).
+        unroll_steps: steps this problem takes before the problems that read its solution step.
+        truncate: keep only the last ``truncate`` of the unrolled steps in the graph (``None`` = all).
+        iterations: maximum iterations of the linear solver (neumann, cg, fixed_point).
+        alpha: Neumann step size; ``None`` uses the problem's learning rate.
+        tol: relative residual at which the solver stops; ``None`` picks a tolerance suited to the
+            parameter dtype (1e-12 for float64, 1e-6 for float32, 1e-3 for half types).
+        damping: ridge added to the Hessian (``H + damping * I``) for indefinite or singular losses.
+        fd_epsilon: finite-difference scale for darts and sama: ``epsilon = fd_epsilon / ||v||``.
+        step_every: this problem steps once every ``step_every`` rounds of its lower problems.
+        warmup_steps: initial steps of this problem that do not count towards its upper problems.
+        grad_clip: clip this problem's gradient to this global norm before stepping (``None`` = off).
+        on_nonfinite: ``raise`` on a NaN/inf loss, or ``skip`` the step (counted in ``engine.skipped``).
+    """
+
+    hypergrad: str = "unroll"
+    unroll_steps: int = 1
+    truncate: int | None = None
+    iterations: int = 100
+    alpha: float | None = None
+    tol: float | None = None
+    damping: float = 0.0
+    fd_epsilon: float = 0.01
+    step_every: int = 1
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    on_nonfinite: str = "raise"
+
+    def __post_init__(self) -> None:
+        owner = "ProblemConfig"
+        _require(
+            self.hypergrad in HYPERGRAD_METHODS,
+            owner,
+            "hypergrad",
+            self.hypergrad,
+            f"choose one of {list(HYPERGRAD_METHODS)}",
+        )
+        for name in ("unroll_steps", "iterations", "step_every"):
+            _positive_int(owner, name, getattr(self, name))
+        if self.truncate is not None:
+            _positive_int(owner, "truncate", self.truncate)
+        _require(
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+            owner,
+            "warmup_steps",
+            self.warmup_steps,
+            "use an integer >= 0",
+        )
+        _optional_positive(owner, "alpha", self.alpha)
+        _optional_positive(owner, "tol", self.tol)
+        _optional_positive(owner, "grad_clip", self.grad_clip)
+        _require(self.fd_epsilon > 0, owner, "fd_epsilon", self.fd_epsilon, "use a positive number")
+        _require(self.damping >= 0, owner, "damping", self.damping, "use a number >= 0")
+        _require(
+            self.on_nonfinite in NONFINITE_POLICIES,
+            owner,
+            "on_nonfinite",
+            self.on_nonfinite,
+            f"choose one of {list(NONFINITE_POLICIES)}",
+        )
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs the whole multilevel program.
+
+    Attributes:
+        train_iters: engine iterations; each iteration steps every leaf problem once.
+        valid_every: call every problem's ``validation_step`` each this many iterations (0 = never).
+        device: move every module and batch to this device (``None`` leaves placement to the user).
+        seed: seed for torch's generators at the start of ``run`` (``None`` leaves them alone).
+        log_every: record every problem's last loss in ``engine.history`` each this many iterations.
+    """
+
+    train_iters: int = 1000
+    valid_every: int = 0
+    device: str | None = None
+    seed: int | None = None
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        owner = "EngineConfig"
+        _positive_int(owner, "train_iters", self.train_iters)
+        _positive_int(owner, "log_every", self.log_every)
+        _require(
+            isinstance(self.valid_every, int) and self.valid_every >= 0,
+            owner,
+            "valid_every",
+            self.valid_every,
+            "use an integer >= 0 (0 disables validation)",
+        )

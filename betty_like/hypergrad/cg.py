@@ -1,0 +1,16 @@
+"""Implicit hypergradient with ``H^-1 v`` solved by conjugate gradient on Hessian-vector products."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from ._context import HypergradContext, HypergradInfo
+from ._implicit import default_tolerance, gradient_residual, root_vjp
+from ._linsolve import conjugate_gradient
+from ._tree import Params
+
+
+def hypergrad(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
+    """``-d/dlam <grad_w f, H^-1 v>``; needs ``H + damping * I`` positive definite."""
+    solve = partial(conjugate_gradient, iterations=ctx.config.iterations, tol=default_tolerance(ctx))
+    return root_vjp(ctx, gradient_residual(ctx), solve, "cg")

@@ -1,0 +1,99 @@
+"""``Problem``: one level of a multilevel program, written by the user.
+
+A problem is deliberately thin: a name, a module, an optimizer (and optional scheduler), data, a
+config and the loss (``training_step``). Everything that changes during training (batches,
+counters, unrolled weights) lives in the :class:`~betty_like.engine.Engine`.
+"""
+
+from __future__ import annotations
+
+import keyword
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .config import ProblemConfig
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+# Attributes of every problem, and of the nn.Module that holds all problems' modules by name.
+_RESERVED = frozenset({"name", "module", "optimizer", "scheduler", "data", "config"}) | frozenset(
+    dir(nn.Module)
+)
+
+
+class Problem(ABC):
+    """One optimization problem (level) of a multilevel program.
+
+    Subclass it and implement :meth:`training_step`. Other problems of the same engine are reached
+    as attributes by their names: ``self.classifier(x)`` runs the ``classifier`` problem's module
+    (with its current, possibly unrolled, parameters) and ``self.classifier.module`` is the module.
+
+    Args:
+        name: a Python identifier, unique within the engine.
+        module: the ``nn.Module`` whose parameters this problem optimizes.
+        optimizer: a ``torch.optim`` optimizer over (some of) ``module``'s parameters; only the
+            parameters it holds are trained, and hypergradients are taken with respect to them.
+        scheduler: an optional learning-rate scheduler, stepped after every step of this problem.
+        data: any iterable of batches; it is cycled (re-iterated) when exhausted.
+        config: how this problem steps and how gradients flow through it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any | None = None,
+        data: Any | None = None,
+        config: ProblemConfig | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise ValueError(f"problem name {name!r} is not a Python identifier: use letters, digits and '_'")
+        if name.startswith("_") or hasattr(type(self), name) or name in _RESERVED:
+            raise ValueError(
+                f"problem name {name!r} clashes with an attribute of {type(self).__name__}: choose another name"
+            )
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(f"problem {name!r}: module must be an nn.Module, got {type(module).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"problem {name!r}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if config is not None and not isinstance(config, ProblemConfig):
+            raise TypeError(f"problem {name!r}: config must be a ProblemConfig, got {type(config).__name__}")
+        self.name = name
+        self.module = module
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.data = data
+        self.config = config if config is not None else ProblemConfig()
+        self._engine: Engine | None = None
+
+    @abstractmethod
+    def training_step(self, batch: Any) -> torch.Tensor:
+        """Return this problem's scalar loss on ``batch``."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run this problem's module (inside the engine: with its current parameters)."""
+        if self.module is None:
+            raise TypeError(f"problem {self.name!r} has no module to call: pass module=... when creating it")
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, item: str) -> Problem:
+        # Only reached when normal lookup fails: resolve another problem of the same engine by name.
+        engine = self.__dict__.get("_engine")
+        if engine is not None and item in engine.problems:
+            return engine.problems[item]
+        known = sorted(engine.problems) if engine is not None else []
+        hint = (
+            f"problems in this engine: {known}" if engine is not None else "it is not part of an Engine yet"
+        )
+        raise AttributeError(f"problem {self.__dict__.get('name', '?')!r} has no attribute {item!r} ({hint})")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
