@@ -31,7 +31,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from ._kron_sgd import KronTwoLayerSGD, apply_update, compute_update
+from ._kron_sgd import KronTwoLayerSGD, Update, apply_update, compute_update
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ def _worker(
     lr: float,
     staleness: int,
     synchronous: bool,
+    wait: float,
     turn,
     cond,
     start,
@@ -78,24 +79,18 @@ def _worker(
         torch.set_num_threads(1)
         s = shared
         pending: deque = deque()
-        start.wait(timeout=60.0)
+        start.wait(timeout=wait)
         for t in range(rank, s.schedule.shape[0], workers):
-            cols = s.schedule[t]
-            if synchronous:
-                with cond:
-                    if not cond.wait_for(lambda t=t: turn.value == t, timeout=60.0):
-                        raise TimeoutError(f"worker {rank} waited over 60 s for step {t}")
-                    pending.append(_one_step(s, cols, t, shift, lr))
-                    if len(pending) > staleness:
-                        apply_update(s.P, s.C, s.K, pending.popleft())
-                        s.applied[rank] += 1
-                    turn.value = t + 1
-                    cond.notify_all()
-            else:
-                pending.append(_one_step(s, cols, t, shift, lr))
+            with cond if synchronous else nullcontext():
+                if synchronous and not cond.wait_for(lambda t=t: turn.value == t, timeout=wait):
+                    raise TimeoutError(f"worker {rank} waited over {wait} s for step {t}")
+                pending.append(_one_step(s, s.schedule[t], t, shift, lr))
                 if len(pending) > staleness:
                     apply_update(s.P, s.C, s.K, pending.popleft())
                     s.applied[rank] += 1
+                if synchronous:
+                    turn.value = t + 1
+                    cond.notify_all()
         while pending:
             with cond if synchronous else nullcontext():
                 apply_update(s.P, s.C, s.K, pending.popleft())
@@ -106,7 +101,7 @@ def _worker(
         start.abort()
 
 
-def _one_step(s: _Shared, cols: Tensor, t: int, shift: float, lr: float):
+def _one_step(s: _Shared, cols: Tensor, t: int, shift: float, lr: float) -> Update:
     """Compute (not apply) the update of global step t from the current shared P."""
     rows, pos = (s.P.index_select(1, cols) > shift).nonzero(as_tuple=True)
     result, update = compute_update(s.P[rows, cols[pos]], rows, pos, cols, s.targets, s.signs, shift, lr)
@@ -157,7 +152,19 @@ def async_sgd(
     )
     turn, cond, errors = ctx.Value("q", 0), ctx.Condition(), ctx.Queue()
     start = ctx.Barrier(workers + 1)
-    args = (workers, shared, trainer.shift, trainer.lr, staleness, synchronous, turn, cond, start, errors)
+    args = (
+        workers,
+        shared,
+        trainer.shift,
+        trainer.lr,
+        staleness,
+        synchronous,
+        timeout,
+        turn,
+        cond,
+        start,
+        errors,
+    )
     procs = [ctx.Process(target=_worker, args=(rank, *args), daemon=True) for rank in range(workers)]
     try:
         for proc in procs:
