@@ -74,8 +74,10 @@ def apply_update(P: Tensor, C: Tensor, K: Tensor, update: Update) -> None:
 
 
 class KronTwoLayerSGD:
-    """Minibatch SGD on the two-layer shifted-ReLU network, per step independent of d and sublinear in m.
+    """Minibatch SGD on the two-layer shifted-ReLU network at a per-step cost free of d.
 
+    A step costs O(pairs * n) for the update, pairs = S * (active neurons per input), plus the
+    search: O(S m) for the mask, O(pairs log m) query + O(pairs n log m) refresh for the tree.
     `first_layer` gives the initial weights w_r(0) (a `KroneckerLinear` without bias, so their inner
     products with the data cost O(m n rank (p + q))); `signs` are the fixed output signs a_r.
     `search` picks the active-neuron structure: "mask" (vectorised scan of the batch columns) or
