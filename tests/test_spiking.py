@@ -1,6 +1,8 @@
 """Spiking backend: exactness of the K=1 path, quantization levels, surrogate formulas, memory."""
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,7 +90,7 @@ def test_spikes_actually_happen_in_the_test_network():
     net = _net("lif", 1)
     layer = net.layers[0]
     with torch.no_grad():
-        _, out = layer.fine_window(layer.init_state(5, _spikes()), _spikes(), layer.weights(), 1e-4)
+        _, out, _ = layer.fine_window(layer.init_state(5, _spikes()), _spikes(), layer.weights(), 1e-4)
     assert 0.01 < out.mean().item() < 0.9
 
 
@@ -195,3 +197,28 @@ def test_user_mistakes_raise_named_errors():
         FeLIF(3, threshold=1.5)
     with pytest.raises(ValueError, match="neuron"):
         build_network([3, 3], neuron="izhikevich")
+
+
+def _example():
+    path = Path(__file__).resolve().parents[1] / "examples" / "spiking_bilevel.py"
+    spec = importlib.util.spec_from_file_location("spiking_bilevel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bilevel_example_learns_neuron_parameters_through_the_engine():
+    engine, net, neurons, _ = _example().build(iters=3, fine_per_coarse=16)
+    start = [n.threshold.detach().clone() for n in neurons]
+    engine.run()
+    for n, before in zip(neurons, start, strict=True):
+        assert torch.isfinite(n.threshold).all() and not torch.equal(n.threshold, before)
+    hypergrad = engine.last_gradient("neurons")
+    assert hypergrad and all(torch.isfinite(g).all() for g in hypergrad.values())
+
+
+def test_bilevel_example_refuses_first_order_surrogate_with_unrolled_hypergradients():
+    example = _example()
+    with pytest.raises(ValueError, match="straight_through"):
+        example.build(iters=1, surrogate=surrogate("straight_through"))
+    example.build(iters=1, hypergrad="darts", surrogate=surrogate("straight_through"))

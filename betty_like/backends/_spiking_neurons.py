@@ -13,6 +13,8 @@ with ``noise=True``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -28,7 +30,7 @@ def _check_positive(**values: float) -> None:
             raise ValueError(f"{name}={value!r} must be positive")
 
 
-class Neuron(nn.Module):
+class Neuron(nn.Module, ABC):
     """Common parts: synaptic current with time constant ``tau_syn``, threshold, noise, surrogate."""
 
     spiking = True
@@ -66,8 +68,23 @@ class Neuron(nn.Module):
     def _noise(self, v: Tensor, noise: bool) -> Tensor:
         return v + self.c2c_sigma * torch.randn_like(v) if noise and self.c2c_sigma > 0 else v
 
-    def _fire(self, v: Tensor) -> Tensor:
-        return spike(v - self.threshold * self.d2d, self.sur)
+    def distance(self, state: State) -> Tensor:
+        """Signed distance of the membrane (last state entry) from the threshold, before reset."""
+        return state[-1] - self.threshold * self.d2d
+
+    def step(self, state: State, drive: Tensor, dt: float, noise: bool = True) -> tuple[State, Tensor]:
+        """One step of length ``dt``: integrate, fire, reset; returns the new state and the spikes."""
+        state = self.integrate(state, drive, dt, noise)
+        s = spike(self.distance(state), self.sur)
+        return self.reset(state, s.detach()), s
+
+    @abstractmethod
+    def integrate(self, state: State, drive: Tensor, dt: float, noise: bool) -> State:
+        """The state after one step, before any spike resets it."""
+
+    @abstractmethod
+    def reset(self, state: State, fired: Tensor) -> State:
+        """The state after ``fired`` (a detached spike, or a window's spike count) reset it."""
 
 
 class LIF(Neuron):
@@ -94,19 +111,20 @@ class LIF(Neuron):
         _check_positive(tau_mem=tau_mem)
         if reset not in ("subtract", "zero"):
             raise ValueError(f"reset={reset!r}: choose 'subtract' or 'zero'")
-        self.reset = reset
+        self.reset_mode = reset
         self.log_tau_mem = nn.Parameter(torch.full((size,), float(tau_mem)).log())
 
-    def step(self, state: State, drive: Tensor, dt: float, noise: bool = True) -> tuple[State, Tensor]:
-        """One step of length ``dt``; returns the new ``(i, u)`` and the spikes."""
+    def integrate(self, state: State, drive: Tensor, dt: float, noise: bool) -> State:
         i, u = state
         i = self._current(i, drive, dt)
         b = torch.exp(-dt / self.log_tau_mem.exp())
-        u = self._noise(b * u + (1.0 - b) * i, noise)
-        s = self._fire(u)
-        held = s.detach()
-        u = u - self.threshold * self.d2d * held if self.reset == "subtract" else u * (1.0 - held)
-        return (i, u), s
+        return i, self._noise(b * u + (1.0 - b) * i, noise)
+
+    def reset(self, state: State, fired: Tensor) -> State:
+        i, u = state
+        if self.reset_mode == "subtract":
+            return i, u - self.threshold * self.d2d * fired
+        return i, u * (1.0 - fired.clamp(max=1.0))
 
 
 class FeLIF(Neuron):
@@ -158,8 +176,7 @@ class FeLIF(Neuron):
         zero = like.new_zeros(batch, self.size)
         return (zero, zero - self.p_sat)
 
-    def step(self, state: State, drive: Tensor, dt: float, noise: bool = True) -> tuple[State, Tensor]:
-        """One step of length ``dt``; returns the new ``(i, P)`` and the spikes."""
+    def integrate(self, state: State, drive: Tensor, dt: float, noise: bool) -> State:
         i, p = state
         i = self._current(i, drive, dt)
         up = self.p_sat * torch.tanh((i - self.e_coercive) / self.width)
@@ -167,10 +184,11 @@ class FeLIF(Neuron):
         g = 1.0 - torch.exp(-dt / self.log_tau_sw.exp())
         p = p + g * (torch.relu(up - p) - torch.relu(p - down))
         keep = torch.exp(-dt / self.log_tau_leak.exp())
-        p = self._noise(-self.p_sat + keep * (p + self.p_sat), noise)
-        s = self._fire(p)
-        p = p - s.detach() * (p + self.p_sat)
-        return (i, p), s
+        return i, self._noise(-self.p_sat + keep * (p + self.p_sat), noise)
+
+    def reset(self, state: State, fired: Tensor) -> State:
+        i, p = state
+        return i, p - fired.clamp(max=1.0) * (p + self.p_sat)
 
 
 class Readout(nn.Module):

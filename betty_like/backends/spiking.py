@@ -105,6 +105,11 @@ class _LayerState:
     fine_out: Tensor  # last fine step's output (recurrent input of the next fine step)
 
 
+def _splice(coarse: Tensor, fine: Tensor) -> Tensor:
+    """Value of ``fine``, gradient of ``coarse``."""
+    return coarse + (fine - coarse).detach()
+
+
 class SpikingLayer(nn.Module):
     """Quantized synapses into a population of neurons, optionally with recurrent synapses.
 
@@ -131,31 +136,72 @@ class SpikingLayer(nn.Module):
         rec = None if self.recurrent is None else self.recurrent.effective_weight()
         return self.synapse.effective_weight(), rec
 
+    def _drive(self, x: Tensor, rec_in: Tensor, w: tuple[Tensor, Tensor | None]) -> Tensor:
+        drive = self.synapse(x, w[0])
+        return drive if self.recurrent is None else drive + self.recurrent(rec_in, w[1])
+
     def fine_window(
         self, st: _LayerState, x: Tensor, w: tuple[Tensor, Tensor | None], dt: float
-    ) -> tuple[_LayerState, Tensor]:
-        """Run the fine steps of one window (callers wrap it in ``no_grad``); ``x`` is ``(K, B, in)``."""
+    ) -> tuple[_LayerState, Tensor, Tensor | None]:
+        """Run one window's fine steps (callers wrap it in ``no_grad``); ``x`` is ``(K, B, in)``.
+
+        Returns the end state, the outputs ``(K, B, size)`` (spikes, or the readout membrane) and
+        the surrogate derivative at every fine step's pre-reset membrane ``(K, B, size)`` (``None``
+        for a readout).
+        """
         drive = self.synapse(x, w[0])
-        state, prev, outs = st.neuron, st.fine_out, []
+        neuron, state, prev = self.neuron, st.neuron, st.fine_out
+        outs, slopes = [], []
         for t in range(x.shape[0]):
             d = drive[t] if self.recurrent is None else drive[t] + self.recurrent(prev, w[1])
-            state, prev = self.neuron.step(state, d, dt, noise=True)
+            if not neuron.spiking:
+                state, prev = neuron.step(state, d, dt)
+                outs.append(prev)
+                continue
+            state = neuron.integrate(state, d, dt, noise=True)
+            dist = neuron.distance(state)
+            prev = (dist > 0).to(dist.dtype)
+            state = neuron.reset(state, prev)
             outs.append(prev)
-        return _LayerState(state, st.out, prev), torch.stack(outs)
+            slopes.append(neuron.sur.derivative(dist))
+        return _LayerState(state, st.out, prev), torch.stack(outs), torch.stack(slopes) if slopes else None
+
+    def exact_step(
+        self, st: _LayerState, x: Tensor, w: tuple[Tensor, Tensor | None], dt: float
+    ) -> _LayerState:
+        """One differentiable fine step (``fine_per_coarse = 1``): plain BPTT."""
+        state, out = self.neuron.step(st.neuron, self._drive(x, st.out, w), dt)
+        return _LayerState(state, out, out)
 
     def coarse_step(
-        self, st: _LayerState, x: Tensor, w: tuple[Tensor, Tensor | None], dt: float, noise: bool
-    ) -> tuple[State, Tensor]:
-        """One differentiable step of length ``dt`` on the window's summarized input ``x``."""
-        drive = self.synapse(x, w[0])
-        if self.recurrent is not None:
-            drive = drive + self.recurrent(st.out, w[1])
-        return self.neuron.step(st.neuron, drive, dt, noise=noise)
+        self,
+        st: _LayerState,
+        x: Tensor,
+        w: tuple[Tensor, Tensor | None],
+        dt: float,
+        fine: _LayerState,
+        summary: Tensor,
+        count: Tensor,
+        gain: Tensor | None,
+    ) -> _LayerState:
+        """One differentiable coarse step of length ``dt`` on the window's summary ``x``, spliced onto
+        the fine window's end state ``fine`` and output ``summary``.
 
-
-def _splice(coarse: Tensor, fine: Tensor) -> Tensor:
-    """Value of ``fine``, gradient of ``coarse``."""
-    return coarse + (fine - coarse).detach()
+        For spiking neurons the output's gradient is ``gain * d(membrane - threshold)``, where ``gain``
+        is the window's reduced surrogate derivative along the fine trajectory: each fine spike is
+        treated as moving with the coarse membrane. The reset uses the window's spike ``count``.
+        """
+        drive = self._drive(x, st.out, w)
+        if gain is None:
+            state, _ = self.neuron.step(st.neuron, drive, dt, noise=False)
+            state = tuple(_splice(c, f) for c, f in zip(state, fine.neuron, strict=True))
+            return _LayerState(state, state[-1], fine.fine_out)
+        state = self.neuron.integrate(st.neuron, drive, dt, noise=False)
+        lin = gain * self.neuron.distance(state)
+        out = summary + (lin - lin.detach())
+        state = self.neuron.reset(state, count)
+        state = tuple(_splice(c, f) for c, f in zip(state, fine.neuron, strict=True))
+        return _LayerState(state, out, fine.fine_out)
 
 
 class SpikingNetwork(nn.Module):
@@ -196,26 +242,25 @@ class SpikingNetwork(nn.Module):
     def _window(
         self, states: list[_LayerState], block: Tensor, weights: list[tuple[Tensor, Tensor | None]]
     ) -> tuple[list[_LayerState], Tensor]:
-        grid, exact = self.grid, self.grid.fine_per_coarse == 1
+        grid = self.grid
+        inp, exact = grid.summarize(block), grid.fine_per_coarse == 1
+        fine = []
         if not exact:
-            fine_states, summaries = [], []
             with torch.no_grad():
-                inp = block
+                x = block
                 for layer, st, w in zip(self.layers, states, weights, strict=True):
-                    fs, inp = layer.fine_window(st, inp, w, grid.dt_fine)
-                    fine_states.append(fs)
-                    summaries.append(grid.summarize(inp) if layer.neuron.spiking else inp[-1])
-        new_states, inp = [], grid.summarize(block)
+                    end, x, slopes = layer.fine_window(st, x, w, grid.dt_fine)
+                    summary = grid.summarize(x) if layer.neuron.spiking else x[-1]
+                    gain = None if slopes is None else grid.summarize(slopes)
+                    fine.append((end, summary, x.sum(0), gain))
+        new_states = []
         for n, (layer, st, w) in enumerate(zip(self.layers, states, weights, strict=True)):
-            neuron_state, out = layer.coarse_step(st, inp, w, grid.dt_coarse, noise=exact)
             if exact:
-                new_states.append(_LayerState(neuron_state, out, out))
+                st = layer.exact_step(st, inp, w, grid.dt_fine)
             else:
-                fs = fine_states[n]
-                neuron_state = tuple(_splice(c, f) for c, f in zip(neuron_state, fs.neuron, strict=True))
-                out = _splice(out, summaries[n])
-                new_states.append(_LayerState(neuron_state, out, fs.fine_out))
-            inp = out
+                st = layer.coarse_step(st, inp, w, grid.dt_coarse, *fine[n])
+            new_states.append(st)
+            inp = st.out
         return new_states, inp
 
 
