@@ -222,3 +222,14 @@ def test_bilevel_example_refuses_first_order_surrogate_with_unrolled_hypergradie
     with pytest.raises(ValueError, match="straight_through"):
         example.build(iters=1, surrogate=surrogate("straight_through"))
     example.build(iters=1, hypergrad="darts", surrogate=surrogate("straight_through"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_and_gradients_match_cpu():
+    x = _spikes()
+    cpu = _net("lif", 4)
+    gpu = _net("lif", 4).cuda()
+    out_cpu, out_gpu = cpu(x), gpu(x.cuda())
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-4, atol=1e-4)
+    for a, b in zip(_grads(cpu, out_cpu.square().sum()), _grads(gpu, out_gpu.square().sum()), strict=True):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-3, atol=1e-3)

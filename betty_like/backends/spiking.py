@@ -5,16 +5,23 @@ fine step stores millions of states. :class:`SpikingNetwork` splits time into wi
 ``fine_per_coarse`` fine steps and, per window:
 
 1. runs the fine steps under ``torch.no_grad`` from the window's start state, giving the exact end
-   state and a summary of each layer's spikes (``reduce``: spike ``count``, ``mean`` rate, or the
-   ``last`` fine step);
+   state, a summary of each layer's spikes (``reduce``: spike ``count``, ``mean`` rate, or the
+   ``last`` fine step) and the surrogate derivative at every fine step, reduced the same way;
 2. takes one differentiable coarse step of length ``dt_coarse`` from the same start state, with the
-   window's summarized input and the surrogate spike derivative;
+   window's summarized input; the spike summary's gradient is that reduced surrogate derivative
+   times the gradient of the coarse membrane (every fine spike is taken to move with it);
 3. splices ``s = s_coarse + (s_fine - s_coarse).detach()`` for every state and spike summary.
 
 Forward values are those of the fine simulation; gradients follow the coarse model; the autograd
 graph holds one step per window, so memory grows with the coarse step count, not the fine one.
 With ``fine_per_coarse=1`` the coarse step *is* the fine step and the splice is skipped, which is
 exactly plain BPTT at the fine step: one code path for both.
+
+Second order: at ``fine_per_coarse=1`` every op has its exact double backward. Above it, the
+fine-trajectory surrogate derivative is a constant of the coarse model (computed without a graph),
+so a learnable surrogate slope gets no gradient there and second-order terms through the surrogate
+derivative are dropped; thresholds and time constants still get hypergradients through the coarse
+dynamics.
 """
 
 from __future__ import annotations
