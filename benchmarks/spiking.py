@@ -192,7 +192,9 @@ def bench(task: Task, ratios: list[int]) -> list[dict]:
     rows, reference = [], None
     bad = [k for k in ratios if k < 1 or task.read_every % k]
     if bad:
-        raise ValueError(f"--ratios {bad}: each must divide the read-out interval of {task.read_every} fine steps")
+        raise ValueError(
+            f"--ratios {bad}: each must divide the read-out interval of {task.read_every} fine steps"
+        )
     for k in [1, *ratios]:
         row, grad = run(task, k, reference)
         reference = grad if k == 1 else reference
