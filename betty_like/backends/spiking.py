@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ._spiking_memory import SavedTensorMeter
-from ._spiking_neurons import LIF, NEURONS, FeLIF, Readout, State
+from ._spiking_neurons import LIF, NEURONS, FeLIF, Neuron, Readout, State
 from ._spiking_surrogate import (
     SECOND_ORDER_METHODS,
     Surrogate,
@@ -50,6 +50,7 @@ __all__ = [
     "SECOND_ORDER_METHODS",
     "FeLIF",
     "LIF",
+    "Neuron",
     "QuantizedLinear",
     "Readout",
     "SavedTensorMeter",
