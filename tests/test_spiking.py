@@ -169,10 +169,10 @@ def test_learnable_slope_gets_a_gradient_only_through_the_backward_pass():
     assert ds.item() == pytest.approx(expected, rel=1e-5)
 
 
-def _graph_bytes(k: int) -> int:
+def _graph_bytes(k: int, t: int = 256) -> int:
     net = _net("lif", k)
     with SavedTensorMeter() as meter:
-        out = net(_spikes(t=256))
+        out = net(_spikes(t=t))
     out.sum().backward()
     return meter.bytes
 
@@ -180,6 +180,10 @@ def _graph_bytes(k: int) -> int:
 def test_graph_memory_at_coarse_ratio_is_below_full_bptt():
     full, coarse = _graph_bytes(1), _graph_bytes(16)
     assert coarse < 0.3 * full
+
+
+def test_graph_memory_follows_the_coarse_step_count_not_the_fine_one():
+    assert _graph_bytes(8, t=64) == _graph_bytes(32, t=256)
 
 
 def test_user_mistakes_raise_named_errors():
