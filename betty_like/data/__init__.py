@@ -1,0 +1,1 @@
+"""Offline task data (Bach chorales from music21, generated Braille tactile events)."""
