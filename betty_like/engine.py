@@ -136,6 +136,16 @@ class Engine:
                 f"{self.graph.lowers(p.name)}; differentiating through its hypergradient steps is not supported. "
                 "Use an implicit method (neumann, cg, fixed_point) or darts for it."
             )
+        if has_uppers and method.second_order:
+            first_order_only = sorted(
+                {type(m).__name__ for m in p.module.modules() if getattr(m, "first_order_only", False)}
+            )
+            if first_order_only:
+                raise ValueError(
+                    f"problem {p.name!r} uses hypergrad={method.name!r}, which needs second derivatives through its "
+                    f"model, but {first_order_only} in its module support first-order gradients only: use "
+                    "hypergrad='darts' or 'sama', or a layer configuration with double backward"
+                )
         differentiable = unrolls or (has_uppers and method.name == "fixed_point")
         functional = FunctionalOptimizer.from_optimizer(p.optimizer, by_id, p.name, differentiable)
         if (

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from betty_like import Engine, EngineConfig, Problem, ProblemConfig
-from betty_like.backends.spiking import SpikingNetwork, TimeGrid, build_network, check_hypergrad_support
+from betty_like.backends.spiking import SpikingNetwork, TimeGrid, build_network
 from betty_like.data import braille
 
 
@@ -69,8 +69,6 @@ def build(iters: int, fine_per_coarse: int = 16, hypergrad: str = "unroll", surr
         neuron_kwargs={"tau_mem": 64e-6, "tau_syn": 32e-6, "threshold": 0.1},
         seed=seed,
     )
-    for sur in net.surrogates():
-        check_hypergrad_support(sur, hypergrad)
     neurons = nn.ModuleList(layer.neuron for layer in net.layers if layer.neuron.spiking)
     synapses = [p for name, p in net.named_parameters() if "synapse" in name or "recurrent" in name]
     neuron_params = [p for n in neurons for p in (n.threshold, n.log_tau_mem)]

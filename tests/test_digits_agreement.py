@@ -104,4 +104,4 @@ def test_unroll_reference_agrees_at_the_stationary_point(converged_engine):
 
 def test_approximations_are_reported_with_their_error(converged_engine):
     (report,) = check_hypergradient(converged_engine, method="darts", reference="exact")
-    assert 0.0 < report.relative_error and -1.0 <= report.cosine <= 1.0
+    assert report.relative_error > 0.0 and -1.0 <= report.cosine <= 1.0

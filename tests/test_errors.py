@@ -253,3 +253,14 @@ def test_cg_reports_negative_curvature_once_and_damping_is_a_remedy(caplog):
     warnings = [r for r in caplog.records if "non-positive curvature" in r.getMessage()]
     assert len(warnings) == 1 and "damping" in warnings[0].getMessage()
     assert engine.hypergrad_info["outer"]["inner"].solve.negative_curvature
+
+
+def test_first_order_only_layers_refuse_second_order_methods():
+    class FirstOrderOnly(nn.Linear):
+        first_order_only = True
+
+    for method in ("unroll", "cg"):
+        with pytest.raises(ValueError, match=rf"problem 'inner' uses hypergrad='{method}'.*\['FirstOrderOnly'\]"):
+            bilevel(ProblemConfig(hypergrad=method), inner_module=FirstOrderOnly(3, 1))
+    engine, _, _ = bilevel(ProblemConfig(hypergrad="darts"), inner_module=FirstOrderOnly(3, 1))
+    engine.run()

@@ -52,8 +52,9 @@ def bilevel(
     inner_data=None,
     inner_optimizer=None,
     outer_lr: float = 0.01,
+    inner_module: nn.Module | None = None,
 ) -> tuple[Engine, Problem, Problem]:
-    net = nn.Linear(3, 1)
+    net = nn.Linear(3, 1) if inner_module is None else inner_module
     scale = Scale()
     inner = inner_cls(
         "inner",

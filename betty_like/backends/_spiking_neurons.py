@@ -57,6 +57,12 @@ class Neuron(nn.Module, ABC):
         gen = torch.Generator().manual_seed(seed)
         self.register_buffer("d2d", 1.0 + d2d_sigma * torch.randn(size, generator=gen))
 
+    @property
+    def first_order_only(self) -> bool:
+        """True when the surrogate has no usable second derivative: the engine then refuses
+        hypergradient methods that differentiate through gradients of this neuron."""
+        return not self.sur.second_order
+
     def init_state(self, batch: int, like: Tensor) -> State:
         """Zero state for ``batch`` samples, on ``like``'s device and dtype."""
         zero = like.new_zeros(batch, self.size)
