@@ -71,6 +71,21 @@ class Bilevel:
     lower: str
 
 
+def _bilevel_engine(
+    lower: Problem, upper_cls: type[Problem], upper_name: str, value: torch.Tensor, valid
+) -> Engine:
+    """Wire ``lower`` under an upper problem holding ``value`` (learning rate 0: it never moves)."""
+    module = Scalar(value)
+    upper = upper_cls(
+        upper_name, module=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.0), data=[valid]
+    )
+    return Engine(
+        [upper, lower],
+        dependencies={"u2l": {upper: [lower]}, "l2u": {lower: [upper]}},
+        config=EngineConfig(train_iters=lower.config.unroll_steps),
+    )
+
+
 def ridge(
     method: str, *, unroll_steps: int = 1, lr: float | None = None, at_solution: bool = True, **config
 ) -> Bilevel:
@@ -94,18 +109,7 @@ def ridge(
         data=[(x, y)],
         config=ProblemConfig(hypergrad=method, unroll_steps=unroll_steps, **config),
     )
-    penalty_module = Scalar(log_lam)
-    outer = ValidationLoss(
-        "penalty",
-        module=penalty_module,
-        optimizer=torch.optim.SGD(penalty_module.parameters(), lr=0.0),
-        data=[(xv, yv)],
-    )
-    engine = Engine(
-        [outer, inner],
-        dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}},
-        config=EngineConfig(train_iters=unroll_steps),
-    )
+    engine = _bilevel_engine(inner, ValidationLoss, "penalty", log_lam, (xv, yv))
     return Bilevel(engine, exact.reshape(()), "penalty", "inner")
 
 
@@ -153,18 +157,7 @@ def sample_weights(
         data=[(x, y)],
         config=ProblemConfig(hypergrad=method, unroll_steps=unroll_steps, **config),
     )
-    weights_module = Scalar(logits)
-    outer = WeightsValidation(
-        "weights",
-        module=weights_module,
-        optimizer=torch.optim.SGD(weights_module.parameters(), lr=0.0),
-        data=[(xv, yv)],
-    )
-    engine = Engine(
-        [outer, inner],
-        dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}},
-        config=EngineConfig(train_iters=unroll_steps),
-    )
+    engine = _bilevel_engine(inner, WeightsValidation, "weights", logits, (xv, yv))
     return Bilevel(engine, exact, "weights", "inner")
 
 
