@@ -1,0 +1,194 @@
+"""``"auto"`` for convolutions: time the candidates once per input configuration, remember the winner.
+
+The key is everything the speed depends on: device (and GPU name), torch version and thread count,
+dtype and autocast, input shape and layout, the layer's geometry, and whether gradients are
+needed. For a new key every candidate runs on detached copies of the real input and weights,
+forward and (when the call needs gradients) backward, interleaved round-robin so that a burst of
+load on a shared machine hits all candidates alike; each gets ``warmup`` untimed runs and the median
+of ``repeats`` timed ones. ``torch`` is kept unless a candidate beats it by more than ``margin``, so
+noise cannot make ``auto`` slower than the passthrough by switching on a coin flip.
+
+Choices live in memory and in a JSON file (default ``$BETTY_LIKE_CACHE_DIR/conv_auto.json``, else
+``$XDG_CACHE_HOME/betty_like/`` or ``~/.cache/betty_like/``), written atomically, so the next run
+skips the search.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .registry import algorithm
+
+log = logging.getLogger("betty_like")
+_FORMAT = 1
+
+
+def default_cache_path() -> Path:
+    """Where choices persist unless a path is given (see the module docstring)."""
+    root = os.environ.get("BETTY_LIKE_CACHE_DIR")
+    if root is None:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "betty_like")
+    return Path(root) / "conv_auto.json"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def tuning_key(layer: nn.Conv2d, x: Tensor, train: bool, candidates: list[str]) -> str:
+    """The JSON-ready key of one tuning decision."""
+    device = x.device.type
+    fields: dict[str, Any] = {
+        "device": _device_name(x.device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": str(x.dtype),
+        "autocast": str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None,
+        "input": list(x.shape),
+        "channels_last": not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last),
+        "layer": layer.extra_repr(),
+        "train": train,
+        "candidates": sorted(candidates),
+    }
+    return json.dumps(fields, sort_keys=True)
+
+
+class ConvTuner:
+    """Times convolution candidates and caches the choices in memory and in a JSON file.
+
+    Args:
+        path: the JSON file; ``None`` uses :func:`default_cache_path`.
+        persist: write new choices to the file (reading it is always tried).
+        warmup: untimed runs of every candidate before timing.
+        repeats: timed runs of every candidate; the median counts.
+        margin: a candidate replaces ``torch`` only if it is faster by more than this fraction.
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        persist: bool = True,
+        warmup: int = 3,
+        repeats: int = 7,
+        margin: float = 0.05,
+    ) -> None:
+        if warmup < 0 or repeats < 1 or not 0 <= margin < 1:
+            raise ValueError(
+                f"ConvTuner(warmup={warmup}, repeats={repeats}, margin={margin}): use warmup >= 0, repeats >= 1, 0 <= margin < 1"
+            )
+        self.path = Path(path) if path is not None else default_cache_path()
+        self.persist, self.warmup, self.repeats, self.margin = persist, warmup, repeats, margin
+        self.entries: dict[str, dict[str, Any]] | None = None
+        self.searches = 0  # how many keys were timed (not found in memory or the file)
+
+    def choose(self, layer: nn.Module, x: Tensor, candidates: list[str]) -> tuple[str, str]:
+        """The algorithm for ``layer`` on inputs like ``x``, and a note with the timings it rests on."""
+        train = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
+        key = tuning_key(layer, x, train, candidates)
+        entries = self._entries()
+        if key not in entries:
+            self.searches += 1
+            times = self._time(layer, x, train, candidates)
+            entries[key] = {"choice": self._pick(times), "ms": times}
+            if self.persist:
+                self._save(key, entries[key])
+        entry = entries[key]
+        timings = ", ".join(f"{n} {t:.3g}" for n, t in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
+        return entry["choice"], f"auto ({'fwd+bwd' if train else 'fwd'} ms: {timings})"
+
+    def _pick(self, times: dict[str, float]) -> str:
+        best = min(times, key=times.__getitem__)
+        if "torch" in times and times[best] >= (1 - self.margin) * times["torch"]:
+            return "torch"
+        return best
+
+    def _time(self, layer: nn.Module, x: Tensor, train: bool, candidates: list[str]) -> dict[str, float]:
+        """Median milliseconds per candidate, on detached copies (no gradient reaches the model)."""
+        with torch.enable_grad() if train else torch.no_grad():
+            xd = x.detach().requires_grad_(train and x.requires_grad)
+            wd = layer.weight.detach().requires_grad_(train and layer.weight.requires_grad)
+            bd = None if layer.bias is None else layer.bias.detach().requires_grad_(train and layer.bias.requires_grad)
+            inputs = [t for t in (xd, wd, bd) if t is not None and t.requires_grad]
+            impls = {name: algorithm("conv2d", name).impl for name in candidates}
+            upstream = torch.randn_like(algorithm("conv2d", "torch").impl(layer, xd, wd, bd)) if train else None
+
+            def run(name: str) -> None:
+                y = impls[name](layer, xd, wd, bd)
+                if train:
+                    torch.autograd.grad(y, inputs, upstream)
+
+            failed: set[str] = set()
+            for name in candidates:
+                try:
+                    for _ in range(self.warmup + 1):
+                        run(name)
+                except (RuntimeError, ValueError, TypeError) as error:  # e.g. out of memory: not a candidate here
+                    log.warning("conv2d auto: %s failed on %s (%s); not a candidate for it", name, layer, error)
+                    failed.add(name)
+            names = [n for n in candidates if n not in failed]
+            samples: dict[str, list[float]] = {n: [] for n in names}
+            sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+            for r in range(self.repeats):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    sync()
+                    start = time.perf_counter()
+                    run(name)
+                    sync()
+                    samples[name].append((time.perf_counter() - start) * 1e3)
+        return {n: statistics.median(s) for n, s in samples.items()}
+
+    def _entries(self) -> dict[str, dict[str, Any]]:
+        if self.entries is None:
+            self.entries = self._read()
+        return self.entries
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:
+            log.warning("conv2d auto: ignoring unreadable cache %s (%s); choices will be timed again", self.path, error)
+            return {}
+        if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("entries"), dict):
+            log.warning("conv2d auto: ignoring cache %s written in another format", self.path)
+            return {}
+        return data["entries"]
+
+    def _save(self, key: str, entry: dict[str, Any]) -> None:
+        """Merge one entry into the file (re-read first, so concurrent runs add rather than overwrite)."""
+        entries = self._read()
+        entries[key] = entry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"format": _FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+
+_DEFAULT: ConvTuner | None = None
+
+
+def default_tuner() -> ConvTuner:
+    """The process-wide tuner (one in-memory cache for every swap), re-made if the default path moved."""
+    global _DEFAULT
+    if _DEFAULT is None or _DEFAULT.path != default_cache_path():
+        _DEFAULT = ConvTuner()
+    return _DEFAULT
