@@ -4,8 +4,9 @@ The key is everything the speed depends on: device (and GPU name), torch version
 dtype and autocast, input shape and layout, the layer's geometry, and whether gradients are
 needed. For a new key every candidate runs on detached copies of the real input and weights,
 forward and (when the call needs gradients) backward, interleaved round-robin so that a burst of
-load on a shared machine hits all candidates alike; each gets ``warmup`` untimed runs and the median
-of ``repeats`` timed ones. ``torch`` is kept unless a candidate beats it by more than ``margin``, so
+load on a shared machine hits all candidates alike. One first run of each prunes those slower than
+``prune`` times the fastest first run (they cannot win, and timing them is the bulk of the search
+on large inputs); the rest get ``warmup`` untimed runs and the median of ``repeats`` timed ones. ``torch`` is kept unless a candidate beats it by more than ``margin``, so
 noise cannot make ``auto`` slower than the passthrough by switching on a coin flip.
 
 Choices live in memory and in a JSON file (default ``$BETTY_LIKE_CACHE_DIR/conv_auto.json``, else
@@ -74,6 +75,7 @@ class ConvTuner:
         warmup: untimed runs of every candidate before timing.
         repeats: timed runs of every candidate; the median counts.
         margin: a candidate replaces ``torch`` only if it is faster by more than this fraction.
+        prune: candidates whose first run is slower than this factor times the fastest are not timed further.
     """
 
     def __init__(
@@ -84,13 +86,15 @@ class ConvTuner:
         warmup: int = 3,
         repeats: int = 7,
         margin: float = 0.05,
+        prune: float = 3.0,
     ) -> None:
-        if warmup < 0 or repeats < 1 or not 0 <= margin < 1:
+        if warmup < 0 or repeats < 1 or not 0 <= margin < 1 or prune < 1:
             raise ValueError(
-                f"ConvTuner(warmup={warmup}, repeats={repeats}, margin={margin}): use warmup >= 0, repeats >= 1, 0 <= margin < 1"
+                f"ConvTuner(warmup={warmup}, repeats={repeats}, margin={margin}, prune={prune}): use warmup >= 0, "
+                "repeats >= 1, 0 <= margin < 1 and prune >= 1"
             )
         self.path = Path(path) if path is not None else default_cache_path()
-        self.persist, self.warmup, self.repeats, self.margin = persist, warmup, repeats, margin
+        self.persist, self.warmup, self.repeats, self.margin, self.prune = persist, warmup, repeats, margin, prune
         self.entries: dict[str, dict[str, Any]] | None = None
         self.searches = 0  # how many keys were timed (not found in memory or the file)
 
@@ -101,13 +105,14 @@ class ConvTuner:
         entries = self._entries()
         if key not in entries:
             self.searches += 1
-            times = self._time(layer, x, train, candidates)
-            entries[key] = {"choice": self._pick(times), "ms": times}
+            times, pruned = self._time(layer, x, train, candidates)
+            entries[key] = {"choice": self._pick(times), "ms": times, "pruned_first_ms": pruned}
             if self.persist:
                 self._save(key, entries[key])
         entry = entries[key]
         timings = ", ".join(f"{n} {t:.3g}" for n, t in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
-        return entry["choice"], f"auto ({'fwd+bwd' if train else 'fwd'} ms: {timings})"
+        pruned = "".join(f", {n} pruned ({t:.3g} first run)" for n, t in entry.get("pruned_first_ms", {}).items())
+        return entry["choice"], f"auto ({'fwd+bwd' if train else 'fwd'} ms: {timings}{pruned})"
 
     def _pick(self, times: dict[str, float]) -> str:
         best = min(times, key=times.__getitem__)
@@ -115,8 +120,11 @@ class ConvTuner:
             return "torch"
         return best
 
-    def _time(self, layer: nn.Module, x: Tensor, train: bool, candidates: list[str]) -> dict[str, float]:
-        """Median milliseconds per candidate, on detached copies (no gradient reaches the model)."""
+    def _time(
+        self, layer: nn.Module, x: Tensor, train: bool, candidates: list[str]
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Median milliseconds per timed candidate and first-run milliseconds of the pruned ones,
+        measured on detached copies (no gradient reaches the model)."""
         with torch.enable_grad() if train else torch.no_grad():
             xd = x.detach().requires_grad_(train and x.requires_grad)
             wd = layer.weight.detach().requires_grad_(train and layer.weight.requires_grad)
@@ -130,25 +138,32 @@ class ConvTuner:
                 if train:
                     torch.autograd.grad(y, inputs, upstream)
 
-            failed: set[str] = set()
+            sync = torch.cuda.synchronize if x.device.type == "cuda" else _no_sync
+
+            def timed(name: str) -> float:
+                sync()
+                start = time.perf_counter()
+                run(name)
+                sync()
+                return (time.perf_counter() - start) * 1e3
+
+            first: dict[str, float] = {}
             for name in candidates:
                 try:
-                    for _ in range(self.warmup + 1):
-                        run(name)
+                    first[name] = timed(name)
                 except (RuntimeError, ValueError, TypeError) as error:  # e.g. out of memory: not a candidate here
                     log.warning("conv2d auto: %s failed on %s (%s); not a candidate for it", name, layer, error)
-                    failed.add(name)
-            names = [n for n in candidates if n not in failed]
+            fastest = min(first.values())
+            names = [n for n in first if first[n] <= self.prune * fastest or n == "torch"]
+            for _ in range(self.warmup):
+                for name in names:
+                    run(name)
             samples: dict[str, list[float]] = {n: [] for n in names}
-            sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
             for r in range(self.repeats):
                 for name in names[r % len(names) :] + names[: r % len(names)]:
-                    sync()
-                    start = time.perf_counter()
-                    run(name)
-                    sync()
-                    samples[name].append((time.perf_counter() - start) * 1e3)
-        return {n: statistics.median(s) for n, s in samples.items()}
+                    samples[name].append(timed(name))
+        pruned = {n: t for n, t in first.items() if n not in samples}
+        return {n: statistics.median(s) for n, s in samples.items()}, pruned
 
     def _entries(self) -> dict[str, dict[str, Any]]:
         if self.entries is None:
@@ -181,6 +196,10 @@ class ConvTuner:
         except BaseException:
             os.unlink(tmp)
             raise
+
+
+def _no_sync() -> None:
+    """CPU work is finished when the call returns: nothing to wait for."""
 
 
 _DEFAULT: ConvTuner | None = None
