@@ -16,6 +16,7 @@ Run timed benchmarks one at a time on a shared machine:
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import tempfile
@@ -126,7 +127,7 @@ def time_layer(layer: Layer, batch: int, args) -> dict:
     if batch > 1 and not args.direct_at_batch:
         names.remove("direct")
     reference = algorithm("conv2d", "torch").impl(conv, x, conv.weight, None).detach()
-    errors = {n: float((algorithm("conv2d", n).impl(conv, x, conv.weight, None) - reference).abs().max()) for n in names}
+    errors = {n: float((algorithm("conv2d", n).impl(conv, x, conv.weight, None).detach() - reference).abs().max()) for n in names}
     probes = {n: _probe_s(_step(algorithm("conv2d", n).impl, conv, x, True)) for n in names}
     notes = []
     if batch > 1:
@@ -198,9 +199,11 @@ def end_to_end(name: str, build: Callable[[], nn.Module], x: torch.Tensor, args)
         models["auto"](x).sum().backward()  # the search happens here, once
         search_s = time.perf_counter() - start
     steps = {k: (lambda m=m: m(x).sum().backward()) for k, m in models.items()}
-    ms = interleaved_ms(steps, args.warmup, args.repeats)
+    # short steps are noisy: time each variant for at least ``e2e_seconds`` in total
+    repeats = max(args.repeats, math.ceil(args.e2e_seconds / _probe_s(steps["unswapped"])))
+    ms = interleaved_ms(steps, args.warmup, repeats)
     picks = [r["algorithm"] for r in choices(models["auto"])]
-    return {"name": name, "ms": ms, "search_s": search_s, "picks": picks}
+    return {"name": name, "ms": ms, "search_s": search_s, "picks": picks, "repeats": repeats}
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -251,11 +254,11 @@ def report(rows: list[dict], e2e: list[dict], algos: list[str], args, seconds: f
         if best != "torch":
             wins.append(f"- {r['layer'].name}, batch {r['batch']}: **{best}** {times[best]:.3g} ms vs torch {times['torch']:.3g} ms ({times['torch'] / times[best]:.2f}x faster)")
     lines += wins or ["- none: torch is fastest on every layer"]
-    lines += ["", "## end to end: one training step (forward + backward)", "", "| model | input | unswapped | passthrough (`torch`) | passthrough overhead | auto | auto / unswapped | auto search (s, once) | auto's picks |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## end to end: one training step (forward + backward)", "", "| model | input | timed steps | unswapped | passthrough (`torch`) | passthrough overhead | auto | auto / unswapped | auto search (s, once) | auto's picks |", "|---|---|---|---|---|---|---|---|---|---|"]
     for e in e2e:
         ms = e["ms"]
         lines.append(
-            f"| {e['name']} | {e['input']} | {ms['unswapped']:.3g} | {ms['passthrough']:.3g} | {100 * (ms['passthrough'] / ms['unswapped'] - 1):+.1f}% | "
+            f"| {e['name']} | {e['input']} | {e['repeats']} | {ms['unswapped']:.3g} | {ms['passthrough']:.3g} | {100 * (ms['passthrough'] / ms['unswapped'] - 1):+.1f}% | "
             f"{ms['auto']:.3g} | {ms['auto'] / ms['unswapped']:.3f} | {e['search_s']:.1f} | {', '.join(e['picks'])} |"
         )
     lines += ["", "## auto's own measurements (the tuner's fwd+bwd medians behind each pick)", ""]
@@ -292,6 +295,7 @@ def main() -> None:
     parser.add_argument("--slow-warmup", type=int, default=2, help="warm-ups where one fwd+bwd exceeds 0.25 s")
     parser.add_argument("--slow-repeats", type=int, default=5, help="timed runs where one fwd+bwd exceeds 0.25 s")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--e2e-seconds", type=float, default=5.0, help="least timed seconds per end-to-end variant")
     parser.add_argument("--direct-at-batch", action="store_true", help="also time the reference `direct` at batch > 1")
     parser.add_argument("--out", type=Path, default=RESULTS / "conv_algorithms.md")
     args = parser.parse_args()

@@ -4,10 +4,12 @@ The key is everything the speed depends on: device (and GPU name), torch version
 dtype and autocast, input shape and layout, the layer's geometry, and whether gradients are
 needed. For a new key every candidate runs on detached copies of the real input and weights,
 forward and (when the call needs gradients) backward, interleaved round-robin so that a burst of
-load on a shared machine hits all candidates alike. One first run of each prunes those slower than
-``prune`` times the fastest first run (they cannot win, and timing them is the bulk of the search
-on large inputs); the rest get ``warmup`` untimed runs and the median of ``repeats`` timed ones. ``torch`` is kept unless a candidate beats it by more than ``margin``, so
-noise cannot make ``auto`` slower than the passthrough by switching on a coin flip.
+load on a shared machine hits all candidates alike. A probe of each (its second run, the first
+pays one-off allocation costs) prunes those slower than ``prune`` times the fastest probe (they cannot win, and timing them is the bulk of the search
+on large inputs); the rest get ``warmup`` untimed runs and the median of ``repeats`` timed ones. ``torch`` is kept unless a candidate beats it by more than ``margin`` *and*
+by more than ``min_saving_ms`` per call: noise cannot make ``auto`` switch on a coin flip, and on
+tiny layers, where a few tens of microseconds saved in isolation did not survive inside a model
+(measured on the digits CNN, see docs/backends/conv.md), the passthrough stays.
 
 Choices live in memory and in a JSON file (default ``$BETTY_LIKE_CACHE_DIR/conv_auto.json``, else
 ``$XDG_CACHE_HOME/betty_like/`` or ``~/.cache/betty_like/``), written atomically, so the next run
@@ -75,7 +77,8 @@ class ConvTuner:
         warmup: untimed runs of every candidate before timing.
         repeats: timed runs of every candidate; the median counts.
         margin: a candidate replaces ``torch`` only if it is faster by more than this fraction.
-        prune: candidates whose first run is slower than this factor times the fastest are not timed further.
+        prune: candidates whose probe is slower than this factor times the fastest are not timed further.
+        min_saving_ms: a candidate replaces ``torch`` only if it also saves more than this per call.
     """
 
     def __init__(
@@ -87,14 +90,16 @@ class ConvTuner:
         repeats: int = 7,
         margin: float = 0.05,
         prune: float = 3.0,
+        min_saving_ms: float = 0.05,
     ) -> None:
-        if warmup < 0 or repeats < 1 or not 0 <= margin < 1 or prune < 1:
+        if warmup < 0 or repeats < 1 or not 0 <= margin < 1 or prune < 1 or min_saving_ms < 0:
             raise ValueError(
                 f"ConvTuner(warmup={warmup}, repeats={repeats}, margin={margin}, prune={prune}): use warmup >= 0, "
-                "repeats >= 1, 0 <= margin < 1 and prune >= 1"
+                "repeats >= 1, 0 <= margin < 1, prune >= 1 and min_saving_ms >= 0"
             )
         self.path = Path(path) if path is not None else default_cache_path()
         self.persist, self.warmup, self.repeats, self.margin, self.prune = persist, warmup, repeats, margin, prune
+        self.min_saving_ms = min_saving_ms
         self.entries: dict[str, dict[str, Any]] | None = None
         self.searches = 0  # how many keys were timed (not found in memory or the file)
 
@@ -106,24 +111,26 @@ class ConvTuner:
         if key not in entries:
             self.searches += 1
             times, pruned = self._time(layer, x, train, candidates)
-            entries[key] = {"choice": self._pick(times), "ms": times, "pruned_first_ms": pruned}
+            entries[key] = {"choice": self._pick(times), "ms": times, "pruned_probe_ms": pruned}
             if self.persist:
                 self._save(key, entries[key])
         entry = entries[key]
         timings = ", ".join(f"{n} {t:.3g}" for n, t in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
-        pruned = "".join(f", {n} pruned ({t:.3g} first run)" for n, t in entry.get("pruned_first_ms", {}).items())
+        pruned = "".join(f", {n} pruned ({t:.3g} probe)" for n, t in entry.get("pruned_probe_ms", {}).items())
         return entry["choice"], f"auto ({'fwd+bwd' if train else 'fwd'} ms: {timings}{pruned})"
 
     def _pick(self, times: dict[str, float]) -> str:
         best = min(times, key=times.__getitem__)
-        if "torch" in times and times[best] >= (1 - self.margin) * times["torch"]:
+        if "torch" in times and (
+            times[best] >= (1 - self.margin) * times["torch"] or times["torch"] - times[best] <= self.min_saving_ms
+        ):
             return "torch"
         return best
 
     def _time(
         self, layer: nn.Module, x: Tensor, train: bool, candidates: list[str]
     ) -> tuple[dict[str, float], dict[str, float]]:
-        """Median milliseconds per timed candidate and first-run milliseconds of the pruned ones,
+        """Median milliseconds per timed candidate and probe milliseconds of the pruned ones,
         measured on detached copies (no gradient reaches the model)."""
         with torch.enable_grad() if train else torch.no_grad():
             xd = x.detach().requires_grad_(train and x.requires_grad)
@@ -147,14 +154,15 @@ class ConvTuner:
                 sync()
                 return (time.perf_counter() - start) * 1e3
 
-            first: dict[str, float] = {}
+            probe: dict[str, float] = {}
             for name in candidates:
                 try:
-                    first[name] = timed(name)
+                    run(name)
+                    probe[name] = timed(name)
                 except (RuntimeError, ValueError, TypeError) as error:  # e.g. out of memory: not a candidate here
                     log.warning("conv2d auto: %s failed on %s (%s); not a candidate for it", name, layer, error)
-            fastest = min(first.values())
-            names = [n for n in first if first[n] <= self.prune * fastest or n == "torch"]
+            fastest = min(probe.values())
+            names = [n for n in probe if probe[n] <= self.prune * fastest or n == "torch"]
             for _ in range(self.warmup):
                 for name in names:
                     run(name)
@@ -162,7 +170,7 @@ class ConvTuner:
             for r in range(self.repeats):
                 for name in names[r % len(names) :] + names[: r % len(names)]:
                     samples[name].append(timed(name))
-        pruned = {n: t for n, t in first.items() if n not in samples}
+        pruned = {n: t for n, t in probe.items() if n not in samples}
         return {n: statistics.median(s) for n, s in samples.items()}, pruned
 
     def _entries(self) -> dict[str, dict[str, Any]]:

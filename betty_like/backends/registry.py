@@ -193,9 +193,11 @@ class Fixed:
 
 
 def _input_key(x: Tensor) -> tuple[Any, ...]:
-    """What a per-input choice depends on: shape, dtype, device, layout and whether gradients are wanted."""
+    """What a per-input choice depends on: shape, dtype, device, layout, autocast and whether gradients are wanted."""
     layout = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return (tuple(x.shape), x.dtype, x.device, layout, torch.is_grad_enabled())
+    device = x.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return (tuple(x.shape), x.dtype, x.device, layout, torch.is_grad_enabled(), autocast)
 
 
 class _PerInput:
@@ -219,7 +221,7 @@ class _PerInput:
     def choices(self) -> list[tuple[str, str, str]]:
         return [
             (f"{list(shape)} {str(dtype).removeprefix('torch.')} {device}{' channels_last' if cl else ''}", name, note)
-            for (shape, dtype, device, cl, _), (name, note) in self.memo.items()
+            for (shape, dtype, device, cl, _, _), (name, note) in self.memo.items()
         ]
 
 
