@@ -7,7 +7,10 @@ not a thousand steps into training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from .backends.registry import check_policy
 
 HYPERGRAD_METHODS = ("unroll", "first_order", "darts", "neumann", "cg", "fixed_point", "sama")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -51,6 +54,9 @@ class ProblemConfig:
         warmup_steps: initial steps of this problem that do not count towards its upper problems.
         grad_clip: clip this problem's gradient to this global norm before stepping (``None`` = off).
         on_nonfinite: ``raise`` on a NaN/inf loss, or ``skip`` the step (counted in ``engine.skipped``).
+        backend: convolution policy swapped into this problem's module when the engine is built
+            (:func:`betty_like.backends.registry.swap`): an algorithm name for every ``Conv2d``, a list
+            of names by layer order, a callable ``f(layer, input_shape)`` or ``"auto"``; ``None`` = torch's own.
     """
 
     hypergrad: str = "unroll"
@@ -65,6 +71,7 @@ class ProblemConfig:
     warmup_steps: int = 0
     grad_clip: float | None = None
     on_nonfinite: str = "raise"
+    backend: str | list[str] | Callable[..., str] | None = None
 
     def __post_init__(self) -> None:
         owner = "ProblemConfig"
@@ -98,6 +105,11 @@ class ProblemConfig:
             self.on_nonfinite,
             f"choose one of {list(NONFINITE_POLICIES)}",
         )
+        if self.backend is not None:
+            try:
+                check_policy("conv2d", self.backend)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{owner}.backend={self.backend!r} is invalid: {error}") from None
 
 
 @dataclass

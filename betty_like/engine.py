@@ -24,6 +24,7 @@ from torch import Tensor
 from . import backprop
 from ._data import BatchStream
 from ._functional import ProblemModules, call_with
+from .backends.registry import swap
 from .config import EngineConfig
 from .graph import Graph
 from .hypergrad import HypergradInfo, Method, get_method
@@ -113,6 +114,8 @@ class Engine:
             )
         if self.device is not None:
             p.module.to(self.device)
+        if p.config.backend is not None:  # same parameter objects after the swap: the checks below still hold
+            swap(p.module, p.config.backend, prefix=f"{p.name}.")
         by_id = {id(t): f"{p.name}.{n}" for n, t in p.module.named_parameters()}
         leaves: Params = {}
         for group in p.optimizer.param_groups:

@@ -1,0 +1,48 @@
+"""ai3-style per-layer convolution algorithms for ``nn.Conv2d``, all differentiable twice.
+
+Registered algorithms (see docs/backends/conv.md for tolerances and measured speed):
+
+- ``torch``: PyTorch's own convolution, the passthrough;
+- ``direct``: one multiply-accumulate per kernel tap, the reference (not timed by ``auto``);
+- ``im2col``: ``F.unfold`` + one matmul per group;
+- ``winograd``: F(2x2, 3x3), offered only for 3x3 kernels with stride 1 and dilation 1;
+- ``fft``: ``torch.fft.rfft2`` spectra multiplied and summed over channels;
+- on CUDA: ``cudnn_benchmark``, ``cudnn_deterministic``, ``cuda_native`` (cuDNN's own choices);
+- with the optional ``aithree`` package installed: ``ai3_direct``, ``ai3_smm``.
+
+Use :func:`swap` (``betty_like.backends.registry.swap`` for op ``"conv2d"``) with a policy: one
+name, a list by layer order, a callable ``f(layer, input_shape)`` or ``"auto"``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import _conv_ai3, _conv_cuda
+from ._conv_algorithms import direct, fft, im2col, torch_conv, winograd, winograd_supports
+from ._conv_auto import ConvTuner, default_cache_path, default_tuner
+from ._conv_layer import AlgorithmConv2d, wrap
+from .registry import available, choice_table, choices, define_op, register, swap
+
+__all__ = [
+    "AlgorithmConv2d",
+    "ConvTuner",
+    "available",
+    "choice_table",
+    "choices",
+    "default_cache_path",
+    "swap",
+]
+
+define_op("conv2d", nn.Conv2d, AlgorithmConv2d, wrap, default_tuner)
+register("conv2d", "torch", torch_conv)
+register("conv2d", "direct", direct, tunable=False)
+register("conv2d", "im2col", im2col)
+register("conv2d", "winograd", winograd, supports=winograd_supports)
+register("conv2d", "fft", fft)
+for _name, _impl in _conv_cuda.ALGORITHMS.items():
+    register("conv2d", _name, _impl, supports=_conv_cuda.supports)
+_ai3 = _conv_ai3.load()
+if _ai3 is not None:
+    for _name in _conv_ai3.ALGORITHMS:
+        register("conv2d", f"ai3_{_name}", _conv_ai3.make(_ai3, _name), supports=_conv_ai3.supports)
