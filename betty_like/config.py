@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 HYPERGRAD_METHODS = ("unroll", "first_order", "darts", "neumann", "cg", "fixed_point", "sama")
 NONFINITE_POLICIES = ("raise", "skip")
+EXECUTIONS = ("eager", "compiled", "auto")
 
 
 def _require(condition: bool, owner: str, field: str, value: object, fix: str) -> None:
@@ -51,6 +52,10 @@ class ProblemConfig:
         warmup_steps: initial steps of this problem that do not count towards its upper problems.
         grad_clip: clip this problem's gradient to this global norm before stepping (``None`` = off).
         on_nonfinite: ``raise`` on a NaN/inf loss, or ``skip`` the step (counted in ``engine.skipped``).
+        execution: how this problem's plain (first-order) steps run: ``eager``; ``compiled``, with
+            forward, backward and update captured once per batch shape and replayed
+            (:mod:`betty_like.backends.compiled`); or ``auto``, which times both on the first steps
+            and keeps the faster. Steps that take a hypergradient or keep a graph for one stay eager.
     """
 
     hypergrad: str = "unroll"
@@ -65,6 +70,7 @@ class ProblemConfig:
     warmup_steps: int = 0
     grad_clip: float | None = None
     on_nonfinite: str = "raise"
+    execution: str = "eager"
 
     def __post_init__(self) -> None:
         owner = "ProblemConfig"
@@ -97,6 +103,13 @@ class ProblemConfig:
             "on_nonfinite",
             self.on_nonfinite,
             f"choose one of {list(NONFINITE_POLICIES)}",
+        )
+        _require(
+            self.execution in EXECUTIONS,
+            owner,
+            "execution",
+            self.execution,
+            f"choose one of {list(EXECUTIONS)}",
         )
 
 
