@@ -175,19 +175,28 @@ def engine_for(kind: str, batch: int, execution: str) -> Engine:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def timed(step, n: int, warmup: int = WARMUP) -> tuple[float, float]:
-    """Median and standard deviation of ``step()`` in ms, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, statistics.stdev(times) * 1e3
+def interleaved(steps: dict, n: int, warmup: int = WARMUP, block: int = 20) -> dict[str, tuple[float, float]]:
+    """Median and standard deviation (ms) of each ``steps[k]()``.
+
+    The steps run in alternating blocks of ``block`` so that every column sees the same machine load over
+    time, while caches stay warm within a block; the first two steps of each block are not timed.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(max(1, n // block)):
+        for key, step in steps.items():
+            for i in range(block + 2):
+                start = time.perf_counter()
+                step()
+                if i >= 2:
+                    times[key].append(time.perf_counter() - start)
+    return {k: (statistics.median(v) * 1e3, statistics.stdev(v) * 1e3) for k, v in times.items()}
 
 
-def hand_loop(kind: str, batch: int) -> tuple[float, float]:
+def hand_loop(kind: str, batch: int):
+    """The plain PyTorch step: module, loss, backward, ``optimizer.step()``."""
     module, optimizer, data, loss_fn, _, _ = workload(kind, batch)
 
     def step():
@@ -195,21 +204,26 @@ def hand_loop(kind: str, batch: int) -> tuple[float, float]:
         loss_fn(module, data).backward()
         optimizer.step()
 
-    return timed(step, STEPS[kind])
+    return step
 
 
-def engine_point(kind: str, batch: int, execution: str) -> dict:
+def prepared_engine(kind: str, batch: int, execution: str) -> tuple[Engine, str, float]:
+    """An engine past its first eager step and compilation (and, under auto, its trial); seconds taken."""
     engine = engine_for(kind, batch, execution)
     name = next(n for n in engine.problems if n != "meta")
     start = time.perf_counter()
     for _ in range(AUTO_TRIAL if execution == "auto" else 2):
-        engine.step()  # eager first step, then the compile (and under auto the trial)
-    first = time.perf_counter() - start
-    median, std = timed(engine.step, STEPS[kind])
-    choices = list(engine.execution_choices(name).values())
-    return {"ms": median, "std": std, "first_s": first,
-            "path": choices[0].path if choices else "eager",
-            "compile_s": choices[0].compile_s if choices else None}
+        engine.step()
+    return engine, name, time.perf_counter() - start
+
+
+def point(kind: str, batch: int) -> dict:
+    compiled, name, _ = prepared_engine(kind, batch, "compiled")
+    auto, _, _ = prepared_engine(kind, batch, "auto")
+    times = interleaved({"eager": hand_loop(kind, batch), "compiled": compiled.step, "auto": auto.step}, STEPS[kind])
+    (captured,) = compiled.execution_choices(name).values()
+    choices = list(auto.execution_choices(name).values())
+    return {"batch": batch, **times, "compile_s": captured.compile_s, "choice": choices[0].path if choices else "eager"}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -220,20 +234,21 @@ def main() -> None:
     for kind in ("mlp", "gpt", "maml"):
         rows[kind] = []
         for batch in BATCHES:
-            eager = hand_loop(kind, batch)
-            compiled = engine_point(kind, batch, "compiled")
-            auto = engine_point(kind, batch, "auto")
-            rows[kind].append({"batch": batch, "eager": eager, "compiled": compiled, "auto": auto})
-            print(f"{kind} b={batch}: eager {eager[0]:.3f} compiled {compiled['ms']:.3f} "
-                  f"(compile {compiled['compile_s']:.1f} s) auto {auto['path']} {auto['ms']:.3f} ms", flush=True)
-    overhead = {kind: (hand_loop(kind, 1), timed(engine_for(kind, 1, "eager").step, STEPS[kind]))
-                for kind in ("mlp", "gpt")}
+            r = point(kind, batch)
+            rows[kind].append(r)
+            print(f"{kind} b={batch}: eager {r['eager'][0]:.3f} compiled {r['compiled'][0]:.3f} "
+                  f"(compile {r['compile_s']:.1f} s) auto {r['choice']} {r['auto'][0]:.3f} ms", flush=True)
+    overhead = {}
+    for kind in ("mlp", "gpt"):
+        engine = engine_for(kind, 1, "eager")
+        times = interleaved({"hand": hand_loop(kind, 1), "engine": engine.step}, 4 * STEPS[kind])
+        overhead[kind] = (times["hand"], times["engine"])
     write_report(rows, overhead)
     plot(rows)
 
 
 def crossover(rows: list[dict]) -> str:
-    slower = [r["batch"] for r in rows if r["compiled"]["ms"] >= r["eager"][0]]
+    slower = [r["batch"] for r in rows if r["compiled"][0] >= r["eager"][0]]
     return f"first batch where compiled is not faster: {slower[0]}" if slower else "compiled is faster at every batch measured"
 
 
@@ -247,7 +262,8 @@ def write_report(rows: dict[str, list[dict]], overhead: dict) -> None:
         "",
         f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared; runs serialised by a lock), "
         f"Python {platform.python_version()}, torch {torch.__version__}, one thread, float32. "
-        f"Median ± std over {STEPS} timed steps after {WARMUP} warm-up steps. `python benchmarks/small_batch.py`.",
+        f"Median ± std over {STEPS} timed steps per column after {WARMUP} warm-up steps; the columns run in "
+        "alternating blocks of 20 steps so that they see the same machine load. `python benchmarks/small_batch.py`.",
         "",
         "*eager*: a hand-written loop (module, loss, `backward()`, `optimizer.step()`). *compiled* / *auto*: "
         "the Engine with `ProblemConfig(execution=...)`; auto's column is the path it chose after its trial. "
@@ -261,8 +277,8 @@ def write_report(rows: dict[str, list[dict]], overhead: dict) -> None:
                   "|---|---|---|---|---|---|" + ("---|" if ref else "")]
         for r in table:
             e, c, a = r["eager"], r["compiled"], r["auto"]
-            cells = [str(r["batch"]), f"{e[0]:.3f} ± {e[1]:.3f}", f"{c['ms']:.3f} ± {c['std']:.3f}",
-                     f"{e[0] / c['ms']:.1f}×", f"{c['compile_s']:.1f}", f"{a['path']}, {a['ms']:.3f}"]
+            cells = [str(r["batch"]), f"{e[0]:.3f} ± {e[1]:.3f}", f"{c[0]:.3f} ± {c[1]:.3f}",
+                     f"{e[0] / c[0]:.1f}×", f"{r['compile_s']:.1f}", f"{r['choice']}, {a[0]:.3f}"]
             if ref:
                 cells.append(f"{BURTORCH_GPT[r['batch']]}" if r["batch"] in BURTORCH_GPT else "")
             lines.append("| " + " | ".join(cells) + " |")
@@ -289,8 +305,8 @@ def plot(rows: dict[str, list[dict]]) -> None:
     for ax, (kind, table) in zip(axes, rows.items(), strict=True):
         b = [r["batch"] for r in table]
         ax.plot(b, [r["eager"][0] for r in table], "o-", label="eager PyTorch")
-        ax.plot(b, [r["compiled"]["ms"] for r in table], "s-", label="betty_like compiled")
-        ax.plot(b, [r["auto"]["ms"] for r in table], "^--", label="betty_like auto")
+        ax.plot(b, [r["compiled"][0] for r in table], "s-", label="betty_like compiled")
+        ax.plot(b, [r["auto"][0] for r in table], "^--", label="betty_like auto")
         if kind == "gpt":
             ax.plot(list(BURTORCH_GPT), list(BURTORCH_GPT.values()), "k:", marker="x", label="BurTorch (paper)")
         ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per step", title=kind)

@@ -18,6 +18,7 @@ What stays eager, and why:
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
@@ -77,22 +78,15 @@ class StepExecution:
 
     The engine hands :meth:`step` two callables: ``eager()`` takes the ordinary step through the
     user's optimizer, ``replay()`` takes the captured one (see :meth:`replay`); both return whether
-    the step counted.
+    the step counted. ``capture()`` builds the :class:`CapturedStep` once the first eager step is done.
     """
 
     def __init__(
-        self,
-        owner: str,
-        execution: str,
-        training_step: Callable[[Any], Tensor],
-        modules: ProblemModules,
-        leaves: Params,
-        functional: FunctionalOptimizer,
-        grad_clip: float | None,
+        self, owner: str, execution: str, functional: FunctionalOptimizer, capture: Callable[[], CapturedStep]
     ) -> None:
         self.owner = owner
         self.execution = execution
-        self._make = lambda: CapturedStep(owner, training_step, modules, leaves, functional, grad_clip)
+        self._make = capture
         self.functional = functional
         self.choices: dict[tuple, ExecutionChoice] = {}
         self._captured: CapturedStep | None = None
@@ -249,14 +243,9 @@ def plan_executions(
                 f"(supported: {supported_optimizers()})",
             )
             continue
-        executions[name] = StepExecution(
-            name,
-            execution,
-            problem.training_step,
-            modules,
-            state.leaves,
-            state.functional,
-            problem.config.grad_clip,
+        capture = functools.partial(
+            CapturedStep, name, problem.training_step, modules, state.leaves, state.functional, problem.config.grad_clip
         )
+        executions[name] = StepExecution(name, execution, state.functional, capture)
     return executions
 
