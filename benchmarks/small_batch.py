@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from betty_like import Engine, EngineConfig, Problem, ProblemConfig
+from betty_like.backends.compiled import TRIAL_STEPS
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,7 +42,7 @@ RESULTS = Path(__file__).parent / "results"
 BATCHES = [1, 2, 4, 8, 16, 32, 64]
 STEPS = {"mlp": 400, "gpt": 120, "maml": 400}  # timed steps per point (after warm-up)
 WARMUP = 20
-AUTO_TRIAL = 14  # engine steps until auto has decided: 1 eager + 5 eager + compile + warm-up + 5 compiled
+AUTO_TRIAL = 3 + 2 * TRIAL_STEPS  # engine steps until auto has decided: eager first step, eager trial, compile, warm-up, captured trial
 VOCAB, EMBED, HEADS, LAYERS, CONTEXT = 65, 24, 6, 6, 8
 BURTORCH_GPT = {1: 0.525, 8: 4.04, 32: 16.0, 64: 31.7}  # [repo] ms/step; [measured] 0.473 (b=1), 29.0 (b=64)
 

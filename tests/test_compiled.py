@@ -19,6 +19,7 @@ from betty_like import Engine, EngineConfig, Problem, ProblemConfig
 from betty_like.backends import compiled
 
 TOL = {"rtol": 0.0, "atol": 1e-9}
+AUTO_DONE = 2 * compiled.TRIAL_STEPS + 8  # engine steps by which auto has measured both paths and decided
 
 
 @pytest.fixture(autouse=True)
@@ -162,10 +163,10 @@ def test_implicit_inner_loop_compiled_keeps_the_hypergradient():
 
 
 def test_auto_measures_both_paths_and_keeps_the_trajectory(caplog):
-    reference, ref_problem = single("eager", OPTIMIZERS["adam"], iters=20)
+    reference, ref_problem = single("eager", OPTIMIZERS["adam"], iters=AUTO_DONE)
     reference.run()
     with caplog.at_level(logging.INFO, logger="betty_like"):
-        engine, problem = single("auto", OPTIMIZERS["adam"], iters=20)
+        engine, problem = single("auto", OPTIMIZERS["adam"], iters=AUTO_DONE)
         engine.run()
     (choice,) = engine.execution_choices("fit").values()
     assert choice.path in ("eager", "compiled")
@@ -194,9 +195,9 @@ def test_uncapturable_step_raises_for_compiled_and_falls_back_for_auto(caplog):
     engine, _ = single("compiled", OPTIMIZERS["sgd_momentum"], cls=ReadsItem, iters=3)
     with pytest.raises(RuntimeError, match=r"problem 'fit': execution='compiled' could not capture.*execution='auto'"):
         engine.run()
-    reference, ref_problem = single("eager", OPTIMIZERS["sgd_momentum"], cls=ReadsItem, iters=10)
+    reference, ref_problem = single("eager", OPTIMIZERS["sgd_momentum"], cls=ReadsItem, iters=compiled.TRIAL_STEPS + 6)
     reference.run()
-    engine, problem = single("auto", OPTIMIZERS["sgd_momentum"], cls=ReadsItem, iters=10)
+    engine, problem = single("auto", OPTIMIZERS["sgd_momentum"], cls=ReadsItem, iters=compiled.TRIAL_STEPS + 6)
     with caplog.at_level(logging.WARNING, logger="betty_like"):
         engine.run()
     (choice,) = engine.execution_choices("fit").values()

@@ -36,7 +36,7 @@ from ._compiled_step import CapturedStep
 log = logging.getLogger("betty_like")
 
 MAX_SHAPES = 4  # captured batch shapes per problem; further shapes run eager
-TRIAL_STEPS = 5  # timed steps of each path per batch shape under execution="auto"
+TRIAL_STEPS = 10  # timed steps of each path per batch shape under execution="auto"
 
 
 @dataclass
