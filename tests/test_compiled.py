@@ -8,6 +8,7 @@ makes the others cheap.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -264,3 +265,19 @@ def test_cuda_graph_replay_follows_the_eager_trajectory():
         results.append(params(problem))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_a_loaded_optimizer_state_is_what_the_captured_step_continues_from():
+    runs = []
+    for execution in ("eager", "compiled"):
+        engine, problem = single(execution, OPTIMIZERS["adam"], iters=4)
+        engine.run()
+        saved = copy.deepcopy(problem.optimizer.state_dict())
+        for entry in saved["state"].values():
+            entry["exp_avg"].mul_(-3.0)  # a state that differs from the live one
+        problem.optimizer.load_state_dict(saved)
+        engine.run()
+        runs.append((params(problem), problem.optimizer))
+    for a, b in zip(runs[0][0], runs[1][0], strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    assert_same_state(runs[0][1], runs[1][1])

@@ -97,7 +97,8 @@ class StepExecution:
         optimizer = self.functional.optimizer
         if self._captured is None or self._captured.optimizer_state is not optimizer.state:
             done = eager()  # creates the optimizer's state (or re-reads a loaded one) in torch's format
-            if done:
+            reached = any(p.grad is not None for g in optimizer.param_groups for p in g["params"])
+            if done and reached:  # a loss that reaches no parameter has nothing to capture: it stays eager
                 self._captured = self._make()
                 optimizer.zero_grad(set_to_none=True)  # captured steps leave .grad alone: no stale gradients
             return done
