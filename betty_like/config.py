@@ -14,6 +14,7 @@ from .backends.registry import check_policy
 
 HYPERGRAD_METHODS = ("unroll", "first_order", "darts", "neumann", "cg", "fixed_point", "sama")
 NONFINITE_POLICIES = ("raise", "skip")
+EXECUTIONS = ("eager", "compiled", "auto")
 
 
 def _require(condition: bool, owner: str, field: str, value: object, fix: str) -> None:
@@ -57,6 +58,10 @@ class ProblemConfig:
         backend: convolution policy swapped into this problem's module when the engine is built
             (:func:`betty_like.backends.registry.swap`): an algorithm name for every ``Conv2d``, a list
             of names by layer order, a callable ``f(layer, input_shape)`` or ``"auto"``; ``None`` = torch's own.
+        execution: how this problem's plain (first-order) steps run: ``eager``; ``compiled``, with
+            forward, backward and update captured once per batch shape and replayed
+            (:mod:`betty_like.backends.compiled`); or ``auto``, which times both on the first steps
+            and keeps the faster. Steps that take a hypergradient or keep a graph for one stay eager.
     """
 
     hypergrad: str = "unroll"
@@ -72,6 +77,7 @@ class ProblemConfig:
     grad_clip: float | None = None
     on_nonfinite: str = "raise"
     backend: str | list[str] | Callable[..., str] | None = None
+    execution: str = "eager"
 
     def __post_init__(self) -> None:
         owner = "ProblemConfig"
@@ -110,6 +116,13 @@ class ProblemConfig:
                 check_policy("conv2d", self.backend)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{owner}.backend={self.backend!r} is invalid: {error}") from None
+        _require(
+            self.execution in EXECUTIONS,
+            owner,
+            "execution",
+            self.execution,
+            f"choose one of {list(EXECUTIONS)}",
+        )
 
 
 @dataclass

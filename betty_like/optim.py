@@ -58,10 +58,7 @@ def _adam_step(p: Tensor, g: Tensor, state: dict[str, Tensor], hp: Mapping[str, 
     exp_avg_sq = state.get("exp_avg_sq", torch.zeros_like(p))
     exp_avg = exp_avg + (1 - beta1) * (g - exp_avg)
     exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
-    # torch computes the bias corrections in Python floats; doing the same keeps the steps bit-equal.
-    count = float(step)
-    bias1 = 1 - beta1**count
-    bias2_sqrt = (1 - beta2**count) ** 0.5
+    bias1, bias2_sqrt = _bias_corrections(step, beta1, beta2)
     new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     second = exp_avg_sq
     if hp["amsgrad"]:
@@ -69,6 +66,20 @@ def _adam_step(p: Tensor, g: Tensor, state: dict[str, Tensor], hp: Mapping[str, 
         new_state["max_exp_avg_sq"] = second
     denom = _safe_sqrt(second) / bias2_sqrt + hp["eps"]
     return p - (lr / bias1) * (exp_avg / denom), new_state
+
+
+def _bias_corrections(step: Tensor, beta1: float, beta2: float) -> tuple[float | Tensor, float | Tensor]:
+    """Adam's ``1 - beta1**t`` and ``sqrt(1 - beta2**t)`` at step count ``t``.
+
+    Eagerly, torch computes them in Python floats, and doing the same keeps the steps bit-equal. A
+    captured step (``torch.compile``) cannot read the count back to Python without breaking its graph,
+    so there they are float64 tensor arithmetic, equal to the float path up to rounding.
+    """
+    if torch.compiler.is_compiling():
+        count = step.to(torch.float64)
+        return 1 - beta1**count, torch.sqrt(1 - beta2**count)
+    count = float(step)
+    return 1 - beta1**count, (1 - beta2**count) ** 0.5
 
 
 def _adam_hyperparameters(group: Mapping[str, object], decoupled_default: bool) -> dict[str, object]:
@@ -111,6 +122,11 @@ _RULES: dict[type, _Rule] = {
 def supported_optimizers() -> list[str]:
     """Names of the ``torch.optim`` classes that can be differentiated through."""
     return [cls.__name__ for cls in _RULES]
+
+
+def has_pure_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s class has a pure step here (exact class: subclasses may change the rule)."""
+    return type(optimizer) in _RULES
 
 
 def _rule_for(optimizer: torch.optim.Optimizer, owner: str) -> _Rule:
@@ -185,10 +201,21 @@ class FunctionalOptimizer:
         """The first parameter group's learning rate, as a float."""
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def step(self, params: Params, grads: Params, state: State | None = None) -> tuple[Params, State]:
-        """One differentiable optimizer step; returns new params and new state, mutates nothing."""
+    def step(
+        self,
+        params: Params,
+        grads: Params,
+        state: State | None = None,
+        hyperparameters: Mapping[str, Mapping[str, object]] | None = None,
+    ) -> tuple[Params, State]:
+        """One differentiable optimizer step; returns new params and new state, mutates nothing.
+
+        ``hyperparameters`` (per parameter name, as :meth:`hyperparameters` returns them) default to
+        the live param groups; a captured step passes its own, with the learning rate as a tensor, so
+        that a scheduler changing it does not force a new graph.
+        """
         state = self.state if state is None else state
-        hps = self.hyperparameters()
+        hps = self.hyperparameters() if hyperparameters is None else hyperparameters
         rule = self.rule
         new_params, new_state = {}, {}
         for name, p in params.items():
@@ -209,3 +236,10 @@ class FunctionalOptimizer:
                 name = self.names[id(p)]
                 if name in self.state:
                     self.optimizer.state[p] = {k: v.clone() for k, v in self.state[name].items()}
+
+
+def clip_grad_norm(grads: Params, max_norm: float) -> Params:
+    """Differentiable global-norm clipping, the same rule as ``torch.nn.utils.clip_grad_norm_``."""
+    total = torch.sqrt(sum(torch.sum(g * g) for g in grads.values()))
+    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return {k: g * factor for k, g in grads.items()}
