@@ -258,9 +258,9 @@ def test_auto_times_once_caches_in_a_json_file_and_reuses_it(tmp_path):
 
 
 def test_auto_prefers_torch_unless_clearly_faster(tmp_path):
-    tuner = ConvTuner(tmp_path / "a.json", margin=0.05)
-    assert tuner._pick({"torch": 1.0, "fft": 0.96}) == "torch"
-    assert tuner._pick({"torch": 1.0, "fft": 0.90, "im2col": 0.93}) == "fft"
+    tuner = ConvTuner(tmp_path / "a.json")  # defaults: 10% faster and 0.1 ms saved per call
+    assert tuner._pick({"torch": 1.0, "fft": 0.92}) == "torch"  # 8%: within noise
+    assert tuner._pick({"torch": 1.0, "fft": 0.85, "im2col": 0.88}) == "fft"
     assert tuner._pick({"torch": 0.2, "im2col": 0.16}) == "torch"  # 20% but only 40 us: not worth leaving torch
 
 
