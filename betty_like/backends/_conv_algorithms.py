@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .registry import autocast_dtype, is_channels_last
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -37,22 +39,16 @@ def _pads(layer: nn.Conv2d) -> tuple[int, int, int, int]:
     return (pw, pw, ph, ph)
 
 
-def _channels_last(t: Tensor) -> bool:
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 def _operands(
     layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor | None, torch.dtype]:
     """Padded input, weight and bias in the compute dtype, and the dtype the output must have."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        out_dtype = torch.get_autocast_dtype(device)
-    elif x.dtype != weight.dtype:
-        raise TypeError(
-            f"conv2d: input is {x.dtype} but the weight is {weight.dtype}; cast the input or the layer to one dtype"
-        )
-    else:
+    out_dtype = autocast_dtype(x.device.type)
+    if out_dtype is None:
+        if x.dtype != weight.dtype:
+            raise TypeError(
+                f"conv2d: input is {x.dtype} but the weight is {weight.dtype}; cast the input or the layer to one dtype"
+            )
         out_dtype = x.dtype
     compute = torch.float32 if out_dtype in _HALF else out_dtype
     x, weight = x.to(compute), weight.to(compute)
@@ -80,7 +76,7 @@ def _finish(y: Tensor, bias: Tensor | None, x: Tensor, weight: Tensor, out_dtype
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
     y = y.to(out_dtype)
-    if _channels_last(x) or _channels_last(weight):
+    if is_channels_last(x) or is_channels_last(weight):
         y = y.contiguous(memory_format=torch.channels_last)
     return y
 

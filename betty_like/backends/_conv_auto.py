@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .registry import algorithm
+from .registry import algorithm, autocast_dtype, is_channels_last
 
 log = logging.getLogger("betty_like")
 _FORMAT = 1
@@ -53,15 +53,15 @@ def _device_name(device: torch.device) -> str:
 
 def tuning_key(layer: nn.Conv2d, x: Tensor, train: bool, candidates: list[str]) -> str:
     """The JSON-ready key of one tuning decision."""
-    device = x.device.type
+    autocast = autocast_dtype(x.device.type)
     fields: dict[str, Any] = {
         "device": _device_name(x.device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "dtype": str(x.dtype),
-        "autocast": str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None,
+        "autocast": str(autocast) if autocast is not None else None,
         "input": list(x.shape),
-        "channels_last": not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last),
+        "channels_last": is_channels_last(x),
         "layer": layer.extra_repr(),
         "train": train,
         "candidates": sorted(candidates),

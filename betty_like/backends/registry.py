@@ -20,6 +20,7 @@ The built-in ops register themselves when first used (``conv2d`` in :mod:`betty_
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -192,15 +193,22 @@ class Fixed:
         return [("any", self.name, "fixed by the policy")]
 
 
+def is_channels_last(t: Tensor) -> bool:
+    """Whether a 4-D tensor is laid out channels-last (and not also plainly contiguous)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device_type`` right now, or None when autocast is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def _input_key(x: Tensor) -> tuple[Any, ...]:
     """What a per-input choice depends on: shape, dtype, device, layout, autocast and whether gradients are wanted."""
-    layout = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    device = x.device.type
-    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    return (tuple(x.shape), x.dtype, x.device, layout, torch.is_grad_enabled(), autocast)
+    return (tuple(x.shape), x.dtype, x.device, is_channels_last(x), torch.is_grad_enabled(), autocast_dtype(x.device.type))
 
 
-class _PerInput:
+class _PerInput(ABC):
     """Base of the selectors that decide once per input key and remember the decision."""
 
     op: str
@@ -215,8 +223,9 @@ class _PerInput:
             self.memo[key] = self.decide(layer, x)
         return self.memo[key][0]
 
+    @abstractmethod
     def decide(self, layer: nn.Module, x: Tensor) -> tuple[str, str]:
-        raise NotImplementedError
+        """The algorithm for ``layer`` on inputs like ``x``, and a note saying why."""
 
     def choices(self) -> list[tuple[str, str, str]]:
         return [
