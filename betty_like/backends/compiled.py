@@ -82,7 +82,12 @@ class StepExecution:
     """
 
     def __init__(
-        self, owner: str, execution: str, functional: FunctionalOptimizer, capture: Callable[[], CapturedStep]
+        self,
+        owner: str,
+        execution: str,
+        functional: FunctionalOptimizer,
+        capture: Callable[[], CapturedStep],
+        warn_once: Callable[[str, str], None],
     ) -> None:
         self.owner = owner
         self.execution = execution
@@ -90,7 +95,7 @@ class StepExecution:
         self.functional = functional
         self.choices: dict[tuple, ExecutionChoice] = {}
         self._captured: CapturedStep | None = None
-        self._logged: set[str] = set()
+        self._warn_once = warn_once  # the engine's: each message once per engine
 
     def step(self, batch: Any, eager: Callable[[], bool], replay: Callable[[], bool]) -> bool:
         """One plain step of the problem on ``batch``, eager or captured as chosen for its shape."""
@@ -127,8 +132,8 @@ class StepExecution:
     def _new_choice(self, key: tuple) -> ExecutionChoice:
         if len(self.choices) >= MAX_SHAPES:
             choice = ExecutionChoice(key, "eager", f"more than {MAX_SHAPES} batch shapes: further shapes run eager")
-            self._log_once(
-                "shapes",
+            self._warn_once(
+                f"shapes:{self.owner}",
                 f"problem {self.owner!r}: batch shape {key} is the {len(self.choices) + 1}th; only {MAX_SHAPES} "
                 "are captured, so its steps run eager. Keep batch shapes fixed (e.g. drop_last=True) to avoid this.",
             )
@@ -164,8 +169,8 @@ class StepExecution:
                 "or execution='eager'."
             ) from error
         choice.path, choice.reason = "eager", f"capture failed: {type(error).__name__}: {message}"
-        self._log_once(
-            f"capture:{choice.shape}",
+        self._warn_once(
+            f"capture:{self.owner}:{choice.shape}",
             f"problem {self.owner!r}: execution='auto' could not capture its step ({type(error).__name__}: "
             f"{message}); it runs eager",
         )
@@ -191,11 +196,6 @@ class StepExecution:
         done = run()
         times.append(time.perf_counter() - start)
         return done
-
-    def _log_once(self, key: str, message: str) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            log.warning(message)
 
 
 def plan_executions(
@@ -247,6 +247,6 @@ def plan_executions(
         capture = functools.partial(
             CapturedStep, name, problem.training_step, modules, state.leaves, state.functional, problem.config.grad_clip
         )
-        executions[name] = StepExecution(name, execution, state.functional, capture)
+        executions[name] = StepExecution(name, execution, state.functional, capture, warn_once)
     return executions
 
