@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from betty_like import backprop
+from betty_like.hypergrad import hypergradient
 from betty_like.testing import chain, ridge, sample_weights
 
 PROBLEMS = {"ridge (log lambda)": ridge, "per-sample weights": sample_weights, "3-level chain": chain}
@@ -28,10 +28,10 @@ def measure(build, method: str) -> dict[str, float]:
     steps = UNROLL_STEPS if method == "unroll" else 1
     case = build(method, unroll_steps=steps)
     case.engine.run()
-    grad = case.engine.last_gradient(case.upper)[f"{case.upper}.value"]
+    grad = case.engine.status(case.upper).gradient[f"{case.upper}.value"]
     error = float((grad - case.exact).norm() / case.exact.norm())
     cosine = float(torch.nn.functional.cosine_similarity(grad.flatten(), case.exact.flatten(), dim=0))
-    infos = case.engine.hypergrad_info.get(case.upper, {})
+    infos = case.engine.status(case.upper).diagnostics
     iterations = max((i.solve.iterations for i in infos.values() if i.solve is not None), default=0)
     times = []
     for _ in range(REPEATS):
@@ -41,7 +41,7 @@ def measure(build, method: str) -> dict[str, float]:
             fresh.engine.run()
         else:
             start = time.perf_counter()
-            backprop.hypergradient(case.engine, case.upper)
+            hypergradient(case.engine.program(), case.upper)
         times.append(time.perf_counter() - start)
     return {"error": error, "cosine": cosine, "iterations": iterations, "ms": 1e3 * statistics.median(times)}
 
