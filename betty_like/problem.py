@@ -16,7 +16,6 @@ from torch import nn
 
 from .config import ProblemConfig
 
-
 # Attributes of every problem, and of the nn.Module that holds all problems' modules by name.
 _RESERVED = frozenset({"name", "module", "optimizer", "scheduler", "data", "config"}) | frozenset(
     dir(nn.Module)

@@ -57,7 +57,7 @@ from torch import nn
 from betty_like import Engine, EngineConfig, Problem, ProblemConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reweight_digits import accuracy  # noqa: E402
+from reweight_digits import TracksTestAccuracy, accuracy  # noqa: E402
 
 METHODS = ["unroll", "first_order", "darts", "sama", "neumann", "cg", "fixed_point"]
 # Linear-solver budget for the implicit methods: Betty runs 1 iteration of neumann/cg by default;
@@ -133,7 +133,7 @@ class Pretraining(Problem):
         return (losses * weights).mean()  # unnormalised, as in Betty
 
 
-class Finetuning(Problem):
+class Finetuning(TracksTestAccuracy, Problem):
     def __init__(self, *args, lam: float, test=None, verbose: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.lam, self.test, self.verbose, self.validations, self.best_acc = lam, test, verbose, 0, 0.0
@@ -141,16 +141,6 @@ class Finetuning(Problem):
     def training_step(self, batch):
         x, y = batch
         return F.cross_entropy(self.module(x), y) + proximity(self.module, self.pretrain.module, self.lam)
-
-    def validation_step(self):
-        # Betty's LBIEngine.validation: target test accuracy and the best one so far
-        x, y = self.test
-        acc = float((self.module(x).argmax(1) == y).float().mean())
-        self.best_acc = max(self.best_acc, acc)
-        self.validations += 1
-        if self.verbose:
-            print(f"    [validation {self.validations}] target test acc {acc:.3f} (best {self.best_acc:.3f})")
-        return {"acc": acc, "best_acc": self.best_acc}
 
 
 class Reweighting(Problem):

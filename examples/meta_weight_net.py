@@ -55,7 +55,7 @@ from torch import nn
 from betty_like import Engine, EngineConfig, Problem, ProblemConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reweight_digits import accuracy, classifier, shuffled_batches  # noqa: E402
+from reweight_digits import TracksTestAccuracy, accuracy, classifier, shuffled_batches  # noqa: E402
 
 NUM_CLASSES = 10
 METHODS = ["unroll", "first_order", "darts", "sama", "neumann", "cg", "fixed_point"]
@@ -125,7 +125,7 @@ def meta_weight_digits(
 
 
 # --------------------------------------------------------------------------- the two problems
-class Inner(Problem):
+class Inner(TracksTestAccuracy, Problem):
     """Lower level: the classifier, its per-example losses weighted by the weight net."""
 
     def __init__(self, *args, test=None, verbose: bool = False, normalize: bool = False, **kwargs) -> None:
@@ -140,16 +140,6 @@ class Inner(Problem):
         if self.normalize:
             return (weights * losses).sum() / (weights.sum() + 1e-8)
         return (weights * losses).mean()
-
-    def validation_step(self):
-        # Betty's ReweightingEngine.validation: test accuracy and the best one so far
-        x, y = self.test
-        acc = float((self.module(x).argmax(1) == y).float().mean())
-        self.best_acc = max(self.best_acc, acc)
-        self.validations += 1
-        if self.verbose:
-            print(f"    [validation {self.validations}] test acc {acc:.3f} (best {self.best_acc:.3f})")
-        return {"acc": acc, "best_acc": self.best_acc}
 
 
 class Outer(Problem):

@@ -38,12 +38,17 @@ def finite_difference_push(ctx: HypergradContext, scale: Params, method: str) ->
     return {k: -g for k, g in mixed.items()}, HypergradInfo(ctx.owner, method)
 
 
+def learning_rate_scale(ctx: HypergradContext) -> Params:
+    """Each parameter's own group learning rate, shaped like it: one gradient step's ``H^-1``."""
+    rates = ctx.optimizer.learning_rates()
+    return {k: torch.full_like(v, rates[k]) for k, v in ctx.v.items()}
+
+
 def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
     if ctx.config.darts_scale == "identity":
         scale = {k: torch.ones_like(v) for k, v in ctx.v.items()}
     else:
-        rates = ctx.optimizer.learning_rates()
-        scale = {k: torch.full_like(v, rates[k]) for k, v in ctx.v.items()}
+        scale = learning_rate_scale(ctx)
     return finite_difference_push(ctx, scale, "darts")
 
 

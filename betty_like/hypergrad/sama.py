@@ -14,7 +14,7 @@ import torch
 from ._context import HypergradContext, HypergradInfo
 from ._method import Method
 from ._tree import Params
-from .darts import finite_difference_push
+from .darts import finite_difference_push, learning_rate_scale
 
 _ADAM_CLASSES = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -39,11 +39,8 @@ def adam_preconditioner(ctx: HypergradContext) -> Params:
 
 
 def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
-    if type(ctx.optimizer.optimizer) in _ADAM_CLASSES:
-        scale = adam_preconditioner(ctx)
-    else:  # SGD: the adaptation is the identity, times each group's learning rate
-        rates = ctx.optimizer.learning_rates()
-        scale = {k: torch.full_like(v, rates[k]) for k, v in ctx.v.items()}
+    # SGD's adaptation is the identity: its update responds to the gradient through lr alone
+    scale = adam_preconditioner(ctx) if type(ctx.optimizer.optimizer) in _ADAM_CLASSES else learning_rate_scale(ctx)
     return finite_difference_push(ctx, scale, "sama")
 
 
