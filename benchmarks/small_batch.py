@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from betty_like import Engine, EngineConfig, Problem, ProblemConfig
-from betty_like.backends.compiled import TRIAL_STEPS
+from betty_like.execution.compiled import TRIAL_STEPS
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

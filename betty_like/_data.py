@@ -31,9 +31,16 @@ class BatchStream:
         self.data = data
         self.device = device
         self._iterator: Iterator[Any] | None = None
+        self._returned: list[Any] = []
+
+    def put_back(self, batch: Any) -> None:
+        """Return a batch whose step did not happen (an exception or interrupt): :meth:`next` gives it again."""
+        self._returned.append(batch)
 
     def next(self, iteration: int) -> Any:
         """The next batch; ``iteration`` only serves the error messages."""
+        if self._returned:
+            return self._returned.pop()
         if self.data is None:
             raise ValueError(f"problem {self.owner!r} has no data: pass data=<an iterable of batches>")
         for attempt in range(2):

@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import backprop
-from .hypergrad import METHODS, HypergradInfo, Method, get_method
-from .hypergrad._implicit import gradient_residual, root_vjp
+from .hypergrad import METHODS, HypergradInfo, Method, Program, get_method, hypergradient
+from .hypergrad._implicit import gradient_residual, root_push
 from .hypergrad._linsolve import dense
 from .hypergrad._tree import Params, dot, norm
 
@@ -40,11 +39,11 @@ def _exact_push(ctx):
             f"reference='exact' materialises a {size}x{size} Hessian, above the {_DENSE_LIMIT} parameter limit; "
             "use reference='unroll'"
         )
-    return root_vjp(ctx, gradient_residual(ctx), dense, "exact")
+    return root_push(ctx, gradient_residual(ctx), dense, "exact", symmetric=True)
 
 
 _REFERENCES = {
-    "exact": (Method("exact", _exact_push), {}),
+    "exact": (Method("exact", "dense float64 solve of the implicit system", _exact_push), {}),
     "unroll": (METHODS["fixed_point"], {"iterations": 10_000, "tol": 1e-14}),
 }
 
@@ -86,11 +85,17 @@ class HypergradReport:
 
 
 def _hypergradient(engine: Engine, upper: str, method: Method, overrides: dict) -> tuple[Params, dict]:
-    below = engine.graph.descendants(upper)
-    methods = {n: method for n in below}
-    configs = {n: replace(engine.problems[n].config, **overrides) for n in below}
-    _, grad, info = backprop.hypergradient(engine, upper, methods, configs, detach_windows=True)
-    return {k: v.detach() for k, v in grad.items()}, info
+    """``upper``'s hypergradient with ``method`` below it, every parameter a fresh leaf (open windows ignored)."""
+    program = engine.program()
+    below = set(engine.graph.responders(upper))
+    levels = {}
+    for name, level in program.levels.items():
+        fresh = {k: t.detach().requires_grad_(True) for k, t in level.params.items()}
+        if name in below:
+            level = replace(level, method=method, config=replace(level.config, **overrides))
+        levels[name] = replace(level, params=fresh, window=False)
+    result = hypergradient(Program(program.graph, levels), upper)
+    return {k: v.detach() for k, v in result.gradient.items()}, result.infos
 
 
 def check_hypergradient(
@@ -112,7 +117,7 @@ def check_hypergradient(
     reference_method, reference_overrides = _REFERENCES[reference]
     reports = []
     for upper in uppers:
-        names = engine.graph.descendants(upper)
+        names = engine.graph.responders(upper)
         chosen = method or engine.problems[next(iter(sorted(names)))].config.hypergrad
         tested = get_method(chosen)
         if tested.unrolled:

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .backends.registry import check_policy
+from .hypergrad import METHODS
 
-HYPERGRAD_METHODS = ("unroll", "first_order", "darts", "neumann", "cg", "fixed_point", "sama")
+NESTED_RULES = ("total", "partial")
+DARTS_SCALES = ("lr", "identity")
 NONFINITE_POLICIES = ("raise", "skip")
 EXECUTIONS = ("eager", "compiled", "auto")
 
@@ -39,10 +41,10 @@ class ProblemConfig:
         hypergrad: how an upper problem's gradient passes through *this* problem's solution:
             ``unroll`` (reverse mode through the differentiable optimizer steps), ``first_order``
             (unroll with the Hessian terms in this problem's own parameters dropped), ``darts``
-            (finite-difference, identity inverse Hessian), ``neumann`` / ``cg`` (implicit
+            (finite differences, inverse Hessian replaced by the learning rate), ``neumann`` / ``cg`` (implicit
             differentiation, inverse-Hessian-vector product by a Neumann series / conjugate
             gradient), ``fixed_point`` (implicit differentiation of the optimizer's update map) or
-            ``sama`` (darts with Adam's preconditioner).
+            ``sama`` (darts with the optimizer's adaptation: Adam's moments, the learning rate for SGD).
         unroll_steps: steps this problem takes before the problems that read its solution step.
         truncate: keep only the last ``truncate`` of the unrolled steps in the graph (``None`` = all).
         iterations: maximum iterations of the linear solver (neumann, cg, fixed_point).
@@ -51,6 +53,13 @@ class ProblemConfig:
             parameter dtype (1e-12 for float64, 1e-6 for float32, 1e-3 for half types).
         damping: ridge added to the Hessian (``H + damping * I``) for indefinite or singular losses.
         fd_epsilon: finite-difference scale for darts and sama: ``epsilon = fd_epsilon / ||v||``.
+        darts_scale: what replaces the inverse Hessian in ``darts``: ``"lr"``, each parameter's own
+            group learning rate (the DARTS paper's xi, default), or ``"identity"`` (Betty's ``darts``:
+            a port of a Betty program needs this, or a 1/lr larger upper learning rate).
+        nested: for a problem that both reads lower solutions and is read by upper ones, which
+            stationarity condition its best response is differentiated with: ``"total"`` (the
+            gradient of its loss through its lowers' best responses: exact, default) or
+            ``"partial"`` (its lowers' solutions held fixed: Betty's rule, cheaper, approximate).
         step_every: this problem steps once every ``step_every`` rounds of its lower problems.
         warmup_steps: initial steps of this problem that do not count towards its upper problems.
         grad_clip: clip this problem's gradient to this global norm before stepping (``None`` = off).
@@ -72,6 +81,8 @@ class ProblemConfig:
     tol: float | None = None
     damping: float = 0.0
     fd_epsilon: float = 0.01
+    darts_scale: str = "lr"
+    nested: str = "total"
     step_every: int = 1
     warmup_steps: int = 0
     grad_clip: float | None = None
@@ -82,12 +93,15 @@ class ProblemConfig:
     def __post_init__(self) -> None:
         owner = "ProblemConfig"
         _require(
-            self.hypergrad in HYPERGRAD_METHODS,
+            self.hypergrad in METHODS,
             owner,
             "hypergrad",
             self.hypergrad,
-            f"choose one of {list(HYPERGRAD_METHODS)}",
+            f"choose one of {list(METHODS)}",
         )
+        for name, choices in (("nested", NESTED_RULES), ("darts_scale", DARTS_SCALES)):
+            value = getattr(self, name)
+            _require(value in choices, owner, name, value, f"choose one of {list(choices)}")
         for name in ("unroll_steps", "iterations", "step_every"):
             _positive_int(owner, name, getattr(self, name))
         if self.truncate is not None:

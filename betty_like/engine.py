@@ -1,12 +1,17 @@
-"""``Engine``: runs a multilevel program and owns all of its changing state.
+"""``Engine``: the schedule of a multilevel program, one step pipeline, and the state that changes.
 
-The schedule is leaf-first: every iteration steps each problem that reads no lower solution. After
-``unroll_steps`` counted steps a problem reports to the problems that read it; a problem steps
-once all of its lower problems have reported ``step_every`` times. Stepping a problem that reads
-lower solutions takes its hypergradient (:mod:`betty_like.backprop`) and hands it to the user's
-own optimizer. Lower problems whose method is unrolled take their steps as differentiable
-functions instead (:mod:`betty_like.optim`), and their weights live here until the problem that
-differentiates through them has stepped.
+The schedule is leaf-first: every iteration steps each problem that reads no other solution. After
+``unroll_steps`` counted steps a problem reports to the problems that read it; a problem is due
+once all it reads have reported, and steps on every ``step_every``-th time it is due. Problems made
+due by the same reports form a *wave*: all of them compute their gradients at the same state, then
+all commit. A wave is a transaction: if user code raises (or Ctrl-C lands) before its commits, its
+batches and random states are put back and nothing counts, so ``run()`` again continues exactly
+where it stopped.
+
+Every step, whatever its kind, returns a :class:`StepOutcome` (loss, gradient, commit) to one
+finishing step: the non-finite policy, clipping, the commit (the user's optimizer, or the next
+unrolled window), the scheduler and the record. Gradients of problems that read lower solutions
+come from the traversal in :mod:`betty_like.hypergrad`, handed an immutable :class:`Program`.
 """
 
 from __future__ import annotations
@@ -14,47 +19,40 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import backprop
-from ._data import BatchStream
-from ._functional import ProblemModules, call_with
-from .backends.compiled import ExecutionChoice, StepExecution, plan_executions
-from .backends.registry import swap
+from ._functional import ProblemModules
+from ._run_state import ProblemStatus, Record, Schedule, Window, random_states, restore_random_states
+from ._setup import Setup, set_up
+from ._user_code import call_user, checked_loss
 from .config import EngineConfig
+from .execution import ExecutionChoice, plan_executions
 from .graph import Graph
-from .hypergrad import HypergradInfo, Method, get_method
-from .optim import FunctionalOptimizer, Params, State, clip_grad_norm
+from .hypergrad import HypergradInfo, Level, Program, hypergradient
+from .hypergrad._tree import detach
+from .hypergrad.unroll import keeps_graph, window_gradient
+from .optim import Params, clip_grad_norm
 from .problem import Problem
 
 log = logging.getLogger("betty_like")
 
 
 @dataclass
-class _ProblemState:
-    """Everything the engine tracks for one problem between steps."""
+class StepOutcome:
+    """What computing one step gives the finishing step; ``commit(gradient)`` applies it."""
 
-    problem: Problem
-    method: Method
-    leaves: Params
-    functional: FunctionalOptimizer
-    unrolls: bool
-    window_length: int
-    stream: BatchStream
-    batch: Any = None
-    steps: int = 0
-    rounds: int = 0
-    ready: set[str] = field(default_factory=set)
-    fast: Params | None = None
-    fast_state: State | None = None
-    window_steps: int = 0
-    loss: float | None = None
-    gradient: Params | None = None
+    loss: Tensor
+    gradient: Params
+    commit: Callable[[Params], None]
+    infos: dict[str, HypergradInfo] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 class Engine:
@@ -63,7 +61,7 @@ class Engine:
     Args:
         problems: the :class:`Problem` instances, any order.
         dependencies: ``{"u2l": {upper: [lowers]}, "l2u": {lower: [uppers]}}`` with problems or
-            their names; see :mod:`betty_like.graph`.
+            their names, Betty's forms as written; see :mod:`betty_like.graph`.
         config: engine settings.
     """
 
@@ -76,200 +74,120 @@ class Engine:
         problems = list(problems)
         for p in problems:
             if not isinstance(p, Problem):
-                raise TypeError(
-                    f"Engine takes Problem instances, got {type(p).__name__}: subclass betty_like.Problem"
-                )
+                raise TypeError(f"Engine takes Problem instances, got {type(p).__name__}: subclass betty_like.Problem")
         names = [p.name for p in problems]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"problem names must be unique, {duplicates} appear more than once")
         for p in problems:
             if p._engine is not None:
-                raise ValueError(
-                    f"problem {p.name!r} already belongs to another Engine: create a new instance"
-                )
+                raise ValueError(f"problem {p.name!r} already belongs to another Engine: create a new instance")
         self.config = config if config is not None else EngineConfig()
         if not isinstance(self.config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(self.config).__name__}")
         self.problems: dict[str, Problem] = {p.name: p for p in problems}
         self.graph = Graph(names, dependencies)
         self.device = torch.device(self.config.device) if self.config.device is not None else None
-        self._states = {p.name: self._build_state(p) for p in problems}
+        self._setups: dict[str, Setup] = {p.name: set_up(p, self.graph, self.problems, self.device) for p in problems}
         self._modules = ProblemModules({n: p.module for n, p in self.problems.items()})
         for p in problems:
             p._engine = self
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
         self.validation_history: list[dict[str, Any]] = []
-        self.hypergrad_info: dict[str, dict[str, HypergradInfo]] = {}
-        self.skipped: dict[str, int] = {n: 0 for n in names}
+        self._schedule = {n: Schedule() for n in names}
+        self._records = {n: Record() for n in names}
+        self._windows: dict[str, Window | None] = {n: None for n in names}
+        self._batches: dict[str, Any] = {}
+        self._pending: deque[list[str]] = deque()
+        self._seeded = False
         self._warned: set[str] = set()
-        self._executions = plan_executions(self._states, self.graph.lowers, self._modules, self._warn_once)
-        trainable = {id(t) for t in self._modules.parameters() if t.requires_grad}
-        self._sole = {n for n, s in self._states.items() if trainable == {id(t) for t in s.leaves.values()}}
+        self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once)
 
-    # ------------------------------------------------------------------ construction checks
-    def _build_state(self, p: Problem) -> _ProblemState:
-        if p.module is None or p.optimizer is None:
-            missing = "module" if p.module is None else "optimizer"
-            raise ValueError(
-                f"problem {p.name!r} has no {missing}: every problem needs a module with parameters and an "
-                "optimizer over them, e.g. optimizer=torch.optim.SGD(module.parameters(), lr=0.1)"
-            )
-        if self.device is not None:
-            p.module.to(self.device)
-        if p.config.backend is not None:  # same parameter objects after the swap: the checks below still hold
-            swap(p.module, p.config.backend, prefix=f"{p.name}.")
-        by_id = {id(t): f"{p.name}.{n}" for n, t in p.module.named_parameters()}
-        leaves: Params = {}
-        for group in p.optimizer.param_groups:
-            for t in group["params"]:
-                if id(t) not in by_id:
-                    raise ValueError(
-                        f"problem {p.name!r}: its optimizer holds a tensor of shape {tuple(t.shape)} that is not a "
-                        "parameter of its module; build the optimizer from module.parameters()"
-                    )
-                leaves[by_id[id(t)]] = t
-        if not leaves:
-            raise ValueError(
-                f"problem {p.name!r} has an optimizer with no parameters: give it its module's parameters"
-            )
-        method = get_method(p.config.hypergrad)
-        has_uppers = bool(self.graph.uppers(p.name))
-        unrolls = method.unrolled and has_uppers
-        if unrolls and self.graph.lowers(p.name):
-            raise ValueError(
-                f"problem {p.name!r} uses hypergrad={method.name!r} but also reads lower solutions "
-                f"{self.graph.lowers(p.name)}; differentiating through its hypergradient steps is not supported. "
-                "Use an implicit method (neumann, cg, fixed_point) or darts for it."
-            )
-        if has_uppers and method.second_order:
-            first_order_only = sorted(
-                {type(m).__name__ for m in p.module.modules() if getattr(m, "first_order_only", False)}
-            )
-            if first_order_only:
-                raise ValueError(
-                    f"problem {p.name!r} uses hypergrad={method.name!r}, which needs second derivatives through its "
-                    f"model, but {first_order_only} in its module support first-order gradients only: use "
-                    "hypergrad='darts' or 'sama', or a layer configuration with double backward"
-                )
-        differentiable = unrolls or (has_uppers and method.name == "fixed_point")
-        functional = FunctionalOptimizer.from_optimizer(p.optimizer, by_id, p.name, differentiable)
-        if (
-            has_uppers
-            and method.name == "sama"
-            and type(p.optimizer) not in (torch.optim.Adam, torch.optim.AdamW)
-        ):
-            raise TypeError(
-                f"problem {p.name!r} uses hypergrad='sama', which needs Adam or AdamW, but its optimizer is "
-                f"{type(p.optimizer).__name__}: use hypergrad='darts' instead"
-            )
-        readers = self.graph.readers(p.name)
-        patience = max((self.problems[r].config.step_every for r in readers), default=1)
-        stream = BatchStream(p.name, p.data, self.device)
-        return _ProblemState(p, method, leaves, functional, unrolls, p.config.unroll_steps * patience, stream)
-
-    # ------------------------------------------------------------------ parameters and losses
-    def current_params(self) -> Params:
-        """Every problem's current parameters: unrolled weights where a window is open, else the leaves."""
-        params: Params = {}
-        for state in self._states.values():
-            params.update(state.fast if state.fast is not None else state.leaves)
-        return params
+    # ------------------------------------------------------------------ what users read
+    def status(self, name: str) -> ProblemStatus:
+        """A read-only view of problem ``name``: steps, last loss, last gradient, solver diagnostics."""
+        if name not in self.problems:
+            raise KeyError(f"unknown problem {name!r}; problems: {sorted(self.problems)}")
+        return ProblemStatus.of(name, self._schedule[name], self._records[name], self._windows[name])
 
     def leaves(self, name: str) -> Params:
         """The real (leaf) trainable parameters of problem ``name``, keyed ``"<problem>.<param>"``."""
-        return self._states[name].leaves
+        return dict(self._setups[name].leaves)
 
-    def state_of(self, name: str) -> _ProblemState:
-        return self._states[name]
+    def current_params(self) -> Params:
+        """Every problem's current parameters: an unrolled problem's window weights, else its leaves."""
+        params: Params = {}
+        for name, setup in self._setups.items():
+            window = self._window(name)
+            params.update(window.params if window is not None else setup.leaves)
+        return params
 
     def execution_choices(self, name: str) -> dict[tuple, ExecutionChoice]:
         """How problem ``name``'s plain steps ran, per batch shape (empty when they all run eager)."""
         execution = self._executions.get(name)
         return dict(execution.choices) if execution is not None else {}
 
-    def last_gradient(self, name: str) -> Params | None:
-        """The (hyper)gradient problem ``name`` handed to its optimizer at its last step, before clipping."""
-        return self._states[name].gradient
+    def program(self, copies: bool = False) -> Program:
+        """An immutable snapshot of every level for the traversal (:func:`betty_like.hypergrad.hypergradient`).
 
-    def loss(self, name: str, batch: Any, params: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Problem ``name``'s loss on ``batch`` with ``params`` substituted (default: current ones), checked."""
-        step = self.problems[name].training_step
-        if params is None and all(state.fast is None for state in self._states.values()):
-            loss = step(batch)  # the modules already hold the current parameters: no substitution needed
-        else:
-            params = self.current_params() if params is None else params
-            loss = call_with(self._modules, params, step, batch)
-        if not torch.is_tensor(loss):
-            raise TypeError(
-                f"problem {name!r}: training_step must return a scalar tensor, got {type(loss).__name__} "
-                f"(iteration {self.iteration})"
+        With ``copies`` the leaves of problems without a window enter as copies (still differentiable
+        to the leaves): a graph kept by an unrolled step then survives their in-place optimizer steps.
+        """
+        current = self.current_params()
+        levels = {}
+        for name, setup in self._setups.items():
+            window = self._windows[name]
+            if window is None:
+                setup.functional.reload_state()
+            levels[name] = Level(
+                name,
+                {k: current[k].clone() if copies and window is None else current[k] for k in setup.leaves},
+                partial(self._bound_loss, name),
+                setup.method,
+                setup.problem.config,
+                setup.functional,
+                window is not None,
             )
-        if loss.numel() != 1:
-            raise ValueError(
-                f"problem {name!r}: training_step returned a tensor of shape {tuple(loss.shape)} at iteration "
-                f"{self.iteration}; return a scalar, e.g. loss.mean()"
-            )
-        return loss if loss.dim() == 0 else loss.reshape(())
+        return Program(self.graph, levels)
 
-    def batch(self, name: str) -> Any:
-        """The batch problem ``name`` used last, drawing its first one if it has none yet."""
-        state = self._states[name]
-        if state.batch is None:
-            state.batch = state.stream.next(self.iteration)
-        return state.batch
+    # ------------------------------------------------------------------ running
+    def run(self, iterations: int | None = None) -> Engine:
+        """Run until ``config.train_iters`` iterations are done, or ``iterations`` more; returns self.
 
-    def _finite_or_skip(self, name: str, loss: Tensor) -> float | None:
-        """The loss as a float (one host sync, shared with logging), or None if the step is to be skipped."""
-        value = float(loss.detach())
-        if math.isfinite(value):
-            return value
-        state = self._states[name]
-        if state.problem.config.on_nonfinite == "skip":
-            self.skipped[name] += 1
-            self._warn_once(
-                f"skip:{name}",
-                f"problem {name!r}: non-finite loss, skipping its steps (counted in engine.skipped)",
-            )
-            return None
-        raise FloatingPointError(
-            f"problem {name!r}: training_step returned {value} at iteration {self.iteration} (its step "
-            f"{state.steps}); fix the loss, lower the learning rate, or set ProblemConfig(on_nonfinite='skip')"
-        )
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning(message)
-
-    # ------------------------------------------------------------------ the schedule
-    def run(self) -> Engine:
-        """Run ``config.train_iters`` iterations (validating every ``valid_every``); returns self."""
-        if self.config.seed is not None:
+        Seeds torch once, at the first run. After an exception or Ctrl-C, calling it again continues
+        where the interrupted iteration stopped.
+        """
+        if iterations is not None and (not isinstance(iterations, int) or iterations < 0):
+            raise ValueError(f"run(iterations={iterations!r}) is invalid: use an integer >= 0 or None")
+        if self.config.seed is not None and not self._seeded:
             torch.manual_seed(self.config.seed)
-        for _ in range(self.config.train_iters):
+            self._seeded = True
+        count = max(self.config.train_iters - self.iteration, 0) if iterations is None else iterations
+        for _ in range(count):
             self.step()
         self.sync()
         return self
 
     def sync(self) -> None:
-        """Write every open unrolled window into the real modules and optimizers.
-
-        Called at the end of :meth:`run`, so that the user's modules hold the trained weights even
-        if training stopped between an unrolled step and the upper step that would consume it.
-        """
-        self._close_windows(self.graph.names)
+        """Store every open window's optimizer state in the user's optimizer (the weights always are)."""
+        for name, window in self._windows.items():
+            if window is not None:
+                self._setups[name].functional.write_back(window.state)
 
     def step(self) -> None:
-        """One iteration: every leaf problem steps once, and whatever becomes ready steps after it."""
+        """One iteration: every leaf problem steps once, and whatever becomes due steps after it."""
+        if not self._pending:
+            self._pending.extend([leaf] for leaf in self.graph.leaves())
+        while self._pending:
+            followers = self._run_wave(self._pending[0])
+            self._pending.popleft()
+            self._pending.extendleft(reversed(followers))
         self.iteration += 1
-        for name in self.graph.leaves():
-            self._advance(name)
         if self.iteration % self.config.log_every == 0:
-            for name, state in self._states.items():
-                if state.loss is not None:
-                    self.history.append({"iteration": self.iteration, "problem": name, "loss": state.loss})
+            for name, record in self._records.items():
+                if record.loss is not None:
+                    self.history.append({"iteration": self.iteration, "problem": name, "loss": record.loss})
         if self.config.valid_every and self.iteration % self.config.valid_every == 0:
             self.validate()
 
@@ -281,7 +199,7 @@ class Engine:
             if step is None:
                 continue
             with torch.no_grad():
-                metrics = call_with(self._modules, self.current_params(), step)
+                metrics = call_user(name, "validation_step", self._modules, self.current_params(), step)
             if not isinstance(metrics, Mapping):
                 raise TypeError(
                     f"problem {name!r}: validation_step must return a dict of metrics, got {type(metrics).__name__}"
@@ -290,157 +208,171 @@ class Engine:
             self.validation_history.append({"iteration": self.iteration, "problem": name, **results[name]})
         return results
 
-    def _advance(self, name: str) -> None:
-        """Step ``name`` (if its rounds allow) and report to its readers after ``unroll_steps`` steps."""
-        state = self._states[name]
-        state.rounds += 1
-        if state.rounds % state.problem.config.step_every:
-            return
-        counted = self._step_problem(name)
-        if not counted:
-            return
-        if state.steps % state.problem.config.unroll_steps:
-            return
-        for reader in self.graph.readers(name):
-            reader_state = self._states[reader]
-            reader_state.ready.add(name)
-            if reader_state.ready >= set(self.graph.lowers(reader)):
-                reader_state.ready.clear()
-                self._advance(reader)
-
-    def _step_problem(self, name: str) -> bool:
-        """One step of ``name``; returns whether it counts towards its readers (not warm-up, not skipped)."""
-        state = self._states[name]
-        state.batch = state.stream.next(self.iteration)
-        warming = state.steps < state.problem.config.warmup_steps
-        done = self._unrolled_step(name) if state.unrolls and not warming else self._optimizer_step(name)
-        if not done:
-            return False
-        state.steps += 1
-        return state.steps > state.problem.config.warmup_steps
-
-    def _optimizer_step(self, name: str) -> bool:
-        """A real step of the problem's optimizer: captured and replayed where its execution says so."""
-        execution = self._executions.get(name)
-        if execution is None:
-            return self._eager_step(name)
-        return execution.step(
-            self._states[name].batch, lambda: self._eager_step(name), lambda: self._replayed_step(name, execution)
-        )
-
-    def _replayed_step(self, name: str, execution: StepExecution) -> bool:
-        """The captured step (:mod:`betty_like.backends.compiled`): same bookkeeping as the eager one."""
-        state = self._states[name]
-        context = {k: v.detach() for s in self._states.values() if s.fast is not None for k, v in s.fast.items()}
-        loss, gradient, commit = execution.replay(state.batch, context)
-        value = self._finite_or_skip(name, loss)
-        if value is None:
-            return False
-        commit()
-        state.gradient = gradient
-        if state.problem.scheduler is not None:
-            state.problem.scheduler.step()
-        state.loss = value
-        return True
-
-    def _eager_step(self, name: str) -> bool:
-        """A real step of the user's optimizer, on the gradient or (with lower problems) the hypergradient."""
-        state = self._states[name]
-        problem = state.problem
-        leaves = list(state.leaves.values())
-        problem.optimizer.zero_grad(set_to_none=True)
-        if self.graph.lowers(name):
-            loss, grads, infos = backprop.hypergradient(self, name)
-            self._record_infos(name, infos)
-            value = self._finite_or_skip(name, loss)
-            if value is None:
-                return False
-            for key, leaf in state.leaves.items():
-                leaf.grad = grads[key].detach().to(leaf.dtype)
-        else:
-            loss = self.loss(name, state.batch)
-            value = self._finite_or_skip(name, loss)
-            if value is None:
-                return False
-            # only this problem's parameters receive gradients; restricting the backward costs ~5% of a tiny
-            # step, so a problem alone in its engine and owning every trainable parameter skips it
-            torch.autograd.backward(loss, inputs=None if name in self._sole else leaves)
-        state.gradient = {k: leaf.grad for k, leaf in state.leaves.items() if leaf.grad is not None}
-        if problem.config.grad_clip is not None:
-            state.gradient = {k: g.clone() for k, g in state.gradient.items()}
-            torch.nn.utils.clip_grad_norm_(leaves, problem.config.grad_clip)
-        problem.optimizer.step()
-        if problem.scheduler is not None:
-            problem.scheduler.step()
-        if self.graph.lowers(name):
-            self._close_windows(self.graph.descendants(name))
-        state.loss = value
-        return True
-
-    def _record_infos(self, name: str, infos: dict[str, HypergradInfo]) -> None:
-        self.hypergrad_info[name] = infos
-        for lower, info in infos.items():
-            if info.solve is not None and info.solve.negative_curvature:
-                self._warn_once(
-                    f"curvature:{lower}",
-                    f"problem {lower!r}: cg met non-positive curvature; set ProblemConfig(damping=...) or use neumann",
+    # ------------------------------------------------------------------ waves
+    def _run_wave(self, names: list[str]) -> list[list[str]]:
+        """Step the due problems of ``names`` as one transaction; returns the waves their reports make due."""
+        due = [n for n in names if (self._schedule[n].rounds + 1) % self.problems[n].config.step_every == 0]
+        randomness, previous, drawn = random_states(), dict(self._batches), []
+        try:
+            if len(due) == 1 and due[0] in self._executions:
+                name = due[0]
+                self._draw(name, drawn)
+                taken = self._executions[name].step(
+                    self._batches[name],
+                    lambda: self._complete(name, self._compute(name)),
+                    lambda: self._complete(name, self._replayed(name)),
                 )
+                reports = [name] if taken and self._count(name) else []
+            else:
+                outcomes = {}
+                for name in due:
+                    self._draw(name, drawn)
+                    outcomes[name] = self._compute(name)
+                values = {name: self._loss_value(name, outcome.loss) for name, outcome in outcomes.items()}
+                reports = [name for name in due if self._finish(name, outcomes[name], values[name]) and self._count(name)]
+        except BaseException:
+            for name, batch in reversed(drawn):
+                self._setups[name].stream.put_back(batch)
+            self._batches = previous
+            restore_random_states(randomness)
+            raise
+        for name in names:
+            self._schedule[name].rounds += 1
+        due_readers = []
+        for name in reports:
+            for reader in self.graph.readers(name):
+                schedule = self._schedule[reader]
+                schedule.ready.add(name)
+                if schedule.ready >= set(self.graph.reads(reader)) and reader not in due_readers:
+                    schedule.ready.clear()
+                    due_readers.append(reader)
+        return [due_readers] if due_readers else []
 
-    def _unrolled_step(self, name: str) -> bool:
-        """A differentiable step: the new weights keep their graph to the upper parameters.
+    def _draw(self, name: str, drawn: list[tuple[str, Any]]) -> None:
+        batch = self._setups[name].stream.next(self.iteration + 1)
+        drawn.append((name, batch))
+        self._batches[name] = batch
 
-        Within a window of ``window_length`` steps only the last ``truncate`` keep a graph. For
-        ``first_order`` the gradient is taken at detached weights, so the Hessian terms in this
-        problem's own parameters drop out while the dependence on the upper parameters stays.
-        """
-        state = self._states[name]
-        problem = state.problem
-        if state.fast is None:
-            state.functional.reload_state()
-            state.fast, state.fast_state = dict(state.leaves), state.functional.state
-            state.window_steps = 0
-        state.window_steps += 1
-        truncate = problem.config.truncate
-        keep_graph = truncate is None or state.window_steps > state.window_length - truncate
-        origin = state.fast if keep_graph else {k: v.detach() for k, v in state.fast.items()}
-        if keep_graph and state.method.through_w:
-            # after truncated (graph-free) steps the weights are plain tensors: start a fresh graph at them
-            origin = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in origin.items()}
-            start = origin
-            params = {**self.current_params(), **start}
-        else:
-            start = {k: v.detach().requires_grad_(True) for k, v in origin.items()}
-            context = self.current_params()
-            if not keep_graph:
-                context = {k: v.detach() for k, v in context.items()}
-            params = {**context, **start}
-        loss = self.loss(name, state.batch, params)
-        value = self._finite_or_skip(name, loss)
+    # ------------------------------------------------------------------ the step pipeline
+    def _compute(self, name: str) -> StepOutcome:
+        """Loss, gradient and commit of ``name``'s next step at the current state (nothing changes yet)."""
+        setup = self._setups[name]
+        if setup.unrolls and self._schedule[name].steps >= setup.problem.config.warmup_steps:
+            return self._unrolled(name)
+        if self.graph.lowers(name):
+            result = hypergradient(self.program(), name)
+            return StepOutcome(result.loss, detach(result.gradient), partial(self._apply, name), result.infos, result.warnings)
+        values = None if all(w is None for w in self._windows.values()) else self.current_params()
+        loss = self._loss(name, self._batches[name], values)
+        keys = list(setup.leaves)
+        grads = torch.autograd.grad(loss, [setup.leaves[k] for k in keys], allow_unused=True)
+        gradient = {k: g for k, g in zip(keys, grads, strict=True) if g is not None}
+        return StepOutcome(loss, gradient, partial(self._apply, name))
+
+    def _unrolled(self, name: str) -> StepOutcome:
+        """A differentiable step: the next window keeps its graph to the parameters it read."""
+        setup = self._setups[name]
+        window = self._window(name)
+        keep = keeps_graph(setup.problem.config.truncate, window.steps + 1, setup.period)
+        result, origin = window_gradient(self.program(copies=keep), name, window.params, keep, setup.method.through_w)
+
+        def commit(gradient: Params) -> None:
+            params, state = setup.functional.step(origin, gradient, window.state)
+            self._windows[name] = Window(params, state, window.steps + 1)
+            with torch.no_grad():  # the user's module always holds the latest weights
+                for key, leaf in setup.leaves.items():
+                    leaf.copy_(params[key])
+
+        return StepOutcome(result.loss, result.gradient, commit, result.infos, result.warnings)
+
+    def _replayed(self, name: str) -> StepOutcome:
+        """The captured step (:mod:`betty_like.execution.compiled`); its commit is the captured update."""
+        context = {k: v.detach() for w in self._windows.values() if w is not None for k, v in w.params.items()}
+        loss, gradient, commit = self._executions[name].replay(self._batches[name], context)
+        return StepOutcome(loss, gradient, lambda _: commit())
+
+    def _complete(self, name: str, outcome: StepOutcome) -> bool:
+        return self._finish(name, outcome, self._loss_value(name, outcome.loss))
+
+    def _finish(self, name: str, outcome: StepOutcome, value: float | None) -> bool:
+        """Clip, commit, step the scheduler, record; returns whether the step was taken (not skipped)."""
+        problem, record = self.problems[name], self._records[name]
         if value is None:
+            record.skipped += 1
             return False
-        grads = dict(
-            zip(start, torch.autograd.grad(loss, list(start.values()), create_graph=keep_graph), strict=False)
-        )
-        if problem.config.grad_clip is not None:
-            grads = clip_grad_norm(grads, problem.config.grad_clip)
-        state.fast, state.fast_state = state.functional.step(origin, grads, state.fast_state)
+        clip = problem.config.grad_clip
+        outcome.commit(clip_grad_norm(outcome.gradient, clip) if clip is not None else outcome.gradient)
         if problem.scheduler is not None:
             with warnings.catch_warnings():
-                # the update happened functionally, so torch's "optimizer.step() was never called" check misfires
+                # an unrolled step updates functionally, so torch's "optimizer.step() was never called" check misfires
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
                 problem.scheduler.step()
-        state.loss = value
+        record.loss, record.gradient, record.infos = value, detach(outcome.gradient), outcome.infos
+        for message in outcome.warnings:
+            self._warn_once(message, message)
         return True
 
-    def _close_windows(self, names: Iterable[str]) -> None:
-        """Write the unrolled weights of ``names`` into the real modules (after their upper problem stepped)."""
-        for name in names:
-            state = self._states[name]
-            if state.fast is None:
-                continue
-            with torch.no_grad():
-                for key, leaf in state.leaves.items():
-                    leaf.copy_(state.fast[key])
-            state.functional.write_back(state.fast_state)
-            state.fast = None
-            state.fast_state = None
+    def _count(self, name: str) -> bool:
+        """Count a taken step; returns whether ``name`` now reports to its readers (not warm-up, every ``unroll_steps``)."""
+        config, schedule = self.problems[name].config, self._schedule[name]
+        schedule.steps += 1
+        if schedule.steps <= config.warmup_steps:
+            return False
+        schedule.since_report += 1
+        if schedule.since_report < config.unroll_steps:
+            return False
+        schedule.since_report = 0
+        return True
+
+    def _apply(self, name: str, gradient: Params) -> None:
+        """A real step of the user's optimizer; it consumes the windows its hypergradient went through."""
+        setup = self._setups[name]
+        for key, leaf in setup.leaves.items():
+            leaf.grad = gradient[key].detach().to(leaf.dtype) if key in gradient else None
+        setup.problem.optimizer.step()
+        for dependent in self.graph.consumed(name):
+            window = self._windows[dependent]
+            if window is not None:
+                self._setups[dependent].functional.write_back(window.state)
+                self._windows[dependent] = None
+
+    # ------------------------------------------------------------------ losses, batches, windows
+    def _window(self, name: str) -> Window | None:
+        """``name``'s open window, opened from its weights if it unrolls past its warm-up."""
+        setup = self._setups[name]
+        past_warmup = self._schedule[name].steps >= setup.problem.config.warmup_steps
+        if self._windows[name] is None and setup.unrolls and past_warmup:
+            setup.functional.reload_state()
+            weights = {k: t.detach().clone().requires_grad_(True) for k, t in setup.leaves.items()}
+            self._windows[name] = Window(weights, setup.functional.state)
+        return self._windows[name]
+
+    def _bound_loss(self, name: str, values: Params) -> Tensor:
+        """``name``'s loss on its current batch (drawn now if it has none) at ``values``."""
+        if name not in self._batches:
+            self._batches[name] = self._setups[name].stream.next(self.iteration + 1)
+        return self._loss(name, self._batches[name], values)
+
+    def _loss(self, name: str, batch: Any, values: Params | None) -> Tensor:
+        step = self.problems[name].training_step
+        loss = call_user(name, "training_step", self._modules, values, step, batch)
+        return checked_loss(name, loss, self.iteration + 1)  # the iteration in progress, 1-based
+
+    def _loss_value(self, name: str, loss: Tensor) -> float | None:
+        """The loss as a float (one host sync, shared with logging), or None if the step is to be skipped."""
+        value = float(loss.detach())
+        if math.isfinite(value):
+            return value
+        if self.problems[name].config.on_nonfinite == "skip":
+            self._warn_once(f"skip:{name}", f"problem {name!r}: non-finite loss, skipping its steps (see status().skipped)")
+            return None
+        raise FloatingPointError(
+            f"problem {name!r}: training_step returned {value} at iteration {self.iteration + 1} (its step "
+            f"{self._schedule[name].steps}); fix the loss, lower the learning rate, or set "
+            "ProblemConfig(on_nonfinite='skip')"
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)

@@ -201,6 +201,10 @@ class FunctionalOptimizer:
         """The first parameter group's learning rate, as a float."""
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def learning_rates(self) -> dict[str, float]:
+        """Each parameter's own group learning rate, keyed by name (any optimizer class)."""
+        return {self.names[id(p)]: float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]}
+
     def step(
         self,
         params: Params,

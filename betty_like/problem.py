@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import keyword
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import ProblemConfig
-
-if TYPE_CHECKING:
-    from .engine import Engine
-
 
 # Attributes of every problem, and of the nn.Module that holds all problems' modules by name.
 _RESERVED = frozenset({"name", "module", "optimizer", "scheduler", "data", "config"}) | frozenset(
@@ -72,7 +68,7 @@ class Problem(ABC):
         self.scheduler = scheduler
         self.data = data
         self.config = config if config is not None else ProblemConfig()
-        self._engine: Engine | None = None
+        self._engine: Any = None  # the Engine it belongs to, set by the engine (never imported here)
 
     @abstractmethod
     def training_step(self, batch: Any) -> torch.Tensor:

@@ -64,6 +64,23 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
+class TracksTestAccuracy:
+    """A ``validation_step`` for a classifier problem: accuracy on ``self.test`` and the best so far.
+
+    What Betty's example engines do in their ``validation`` hook; the ported examples mix it into the
+    problem that holds the classifier (which sets ``test``, ``verbose``, ``validations``, ``best_acc``).
+    """
+
+    def validation_step(self):
+        x, y = self.test
+        acc = accuracy(self.module, x, y)
+        self.best_acc = max(self.best_acc, acc)
+        self.validations += 1
+        if self.verbose:
+            print(f"    [validation {self.validations}] test acc {acc:.3f} (best {self.best_acc:.3f})")
+        return {"acc": acc, "best_acc": self.best_acc}
+
+
 # --------------------------------------------------------------------------- the two levels
 class Classifier(Problem):
     """Lower level: weighted cross-entropy on the noisy training labels."""

@@ -17,7 +17,7 @@ from torch import nn
 from toy import Inner, Outer, Scale
 
 from betty_like import Engine, EngineConfig, Problem, ProblemConfig
-from betty_like.backends import compiled
+from betty_like.execution import compiled
 
 TOL = {"rtol": 0.0, "atol": 1e-9}
 AUTO_DONE = 2 * compiled.TRIAL_STEPS + 8  # engine steps by which auto has measured both paths and decided
@@ -102,8 +102,8 @@ def test_compiled_steps_follow_the_eager_trajectory(name):
     for a, b in zip(params(eager), params(captured), strict=True):
         torch.testing.assert_close(a, b, **TOL)
     assert_same_state(eager.optimizer, captured.optimizer)
-    for key, g in eager_engine.last_gradient("fit").items():
-        torch.testing.assert_close(engine.last_gradient("fit")[key], g, **TOL)
+    for key, g in eager_engine.status("fit").gradient.items():
+        torch.testing.assert_close(engine.status("fit").gradient[key], g, **TOL)
     (choice,) = engine.execution_choices("fit").values()
     assert choice.path == "compiled" and choice.compile_s > 0
     assert all(p.grad is None for p in captured.module.parameters())  # captured steps leave no stale .grad
@@ -131,7 +131,7 @@ def test_non_finite_loss_skips_the_captured_step_without_writing():
     reference, ref_problem = single("eager", OPTIMIZERS["sgd_momentum"], batches=batches, iters=6, on_nonfinite="skip")
     engine.run()
     reference.run()
-    assert engine.skipped["fit"] == reference.skipped["fit"] == 2
+    assert engine.status("fit").skipped == reference.status("fit").skipped == 2
     for a, b in zip(params(ref_problem), params(problem), strict=True):
         torch.testing.assert_close(a, b, **TOL)
         assert torch.isfinite(b).all()
@@ -152,11 +152,11 @@ def cg_bilevel(execution):
 def test_implicit_inner_loop_compiled_keeps_the_hypergradient():
     eager_engine, eager_inner, eager_outer = cg_bilevel("eager")
     engine, inner, outer = cg_bilevel("compiled")
-    assert engine.state_of("outer").steps == 3
+    assert engine.status("outer").steps == 3
     for a, b in zip(params(eager_inner), params(inner), strict=True):
         torch.testing.assert_close(a, b, **TOL)
     torch.testing.assert_close(outer.module.scale, eager_outer.module.scale, **TOL)
-    hyper, reference = engine.last_gradient("outer"), eager_engine.last_gradient("outer")
+    hyper, reference = engine.status("outer").gradient, eager_engine.status("outer").gradient
     assert reference["outer.scale"].abs() > 0
     torch.testing.assert_close(hyper["outer.scale"], reference["outer.scale"], **TOL)
     assert [c.path for c in engine.execution_choices("inner").values()] == ["compiled"]
@@ -250,7 +250,7 @@ def test_unrolled_and_hypergradient_steps_stay_eager_and_say_so(caplog):
                         config=EngineConfig(train_iters=2))
     engine.run()
     assert "problem 'inner': its unrolled steps keep a graph" in caplog.text
-    assert "problem 'outer': execution='compiled' does not apply to its steps: each takes a hypergradient" in caplog.text
+    assert "problem 'outer': execution='compiled' applies to problems that read no other solution" in caplog.text
     assert engine.execution_choices("inner") == {} and engine.execution_choices("outer") == {}
 
 

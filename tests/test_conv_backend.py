@@ -330,7 +330,7 @@ def _hypergradient(digits, backend, method):
     outer = Reweight("reweight", module=weights, optimizer=torch.optim.SGD(weights.parameters(), lr=0.1), data=[valid])
     engine = Engine([outer, inner], {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}}, EngineConfig(train_iters=4))
     engine.run()
-    return engine.last_gradient("reweight"), cnn
+    return engine.status("reweight").gradient, cnn
 
 
 @pytest.mark.parametrize("method", ["unroll", "cg"])

@@ -72,7 +72,7 @@ def converged_engine():
 
     def closure():
         solver.zero_grad()
-        loss = engine.loss("mlp", train)
+        loss = engine.problems["mlp"].training_step(train)
         loss.backward()
         return loss
 

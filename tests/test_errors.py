@@ -38,18 +38,20 @@ def test_duplicate_names():
         Engine([inner, twin])
 
 
-def test_l2u_edge_without_u2l_partner():
+def test_l2u_edge_alone_means_the_reader_responds_to_the_lower():
+    # Betty's meaning: outer's loss reads inner's solution, which does not depend on outer's parameters,
+    # so outer's solution responds to inner's (an input) and outer takes its plain gradient after inner reports
     inner, outer = _problems()
-    with pytest.raises(
-        ValueError, match=r"l2u edge 'inner' -> 'outer' has no u2l partner.*'u2l': \{'outer': \['inner'\]\}"
-    ):
-        Engine([outer, inner], {"l2u": {inner: [outer]}})
+    engine = Engine([outer, inner], {"l2u": {inner: [outer]}}, EngineConfig(train_iters=2))
+    assert engine.graph.lowers("outer") == [] and engine.graph.inputs("outer") == ["inner"]
+    engine.run()
+    assert engine.status("outer").steps == 2 and engine.status("outer").diagnostics == {}
 
 
 def test_u2l_edge_without_l2u_partner():
     inner, outer = _problems()
     with pytest.raises(
-        ValueError, match=r"u2l edge 'outer' -> 'inner' has no l2u partner.*'l2u': \{'inner': \['outer'\]\}"
+        ValueError, match=r"u2l edge 'outer' -> 'inner' carries no gradient.*'l2u': \{'inner': \['outer'\]\}"
     ):
         Engine([outer, inner], {"u2l": {outer: [inner]}})
 
@@ -103,9 +105,9 @@ def test_nan_loss_can_be_skipped(method):
     engine, inner, outer = bilevel(ProblemConfig(hypergrad=method, on_nonfinite="skip"), inner_cls=NanInner)
     before = inner.module.weight.detach().clone()
     engine.run()
-    assert engine.skipped["inner"] == 4
+    assert engine.status("inner").skipped == 4
     assert torch.equal(before, inner.module.weight)
-    assert engine.state_of("outer").steps == 0
+    assert engine.status("outer").steps == 0
 
 
 # --------------------------------------------------------------------------- data
@@ -180,13 +182,17 @@ def test_unroll_refuses_an_optimizer_it_cannot_differentiate():
     engine.run()
 
 
-def test_unroll_through_a_problem_that_has_its_own_lowers():
+def test_unrolled_lower_of_an_implicit_middle_read_from_above_is_refused_with_the_fixes():
+    # mid's total stationarity needs low's best response, which unrolled steps do not define
     net_a, net_b, scale = nn.Linear(3, 1), nn.Linear(3, 1), Scale()
     low = Inner("low", module=net_a, optimizer=torch.optim.SGD(net_a.parameters(), lr=0.1), data=batches())
-    mid = Inner("mid", module=net_b, optimizer=torch.optim.SGD(net_b.parameters(), lr=0.1), data=batches())
+    mid = Inner(
+        "mid", module=net_b, optimizer=torch.optim.SGD(net_b.parameters(), lr=0.1), data=batches(),
+        config=ProblemConfig(hypergrad="cg"),
+    )
     top = Outer("top", module=scale, optimizer=torch.optim.SGD(scale.parameters(), lr=0.1), data=batches())
     with pytest.raises(
-        ValueError, match=r"problem 'mid' uses hypergrad='unroll' but also reads lower solutions \['low'\]"
+        ValueError, match=r"problem 'low' uses hypergrad='unroll' below 'mid'.*unroll 'mid' too, or set ProblemConfig\(nested='partial'\)"
     ):
         Engine([top, mid, low], {"u2l": {top: [mid], mid: [low]}, "l2u": {low: [mid], mid: [top]}})
 
@@ -252,7 +258,7 @@ def test_cg_reports_negative_curvature_once_and_damping_is_a_remedy(caplog):
         engine.run()
     warnings = [r for r in caplog.records if "non-positive curvature" in r.getMessage()]
     assert len(warnings) == 1 and "damping" in warnings[0].getMessage()
-    assert engine.hypergrad_info["outer"]["inner"].solve.negative_curvature
+    assert engine.status("outer").diagnostics["inner"].solve.negative_curvature
 
 
 def test_first_order_only_layers_refuse_second_order_methods():

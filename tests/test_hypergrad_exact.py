@@ -20,7 +20,7 @@ def cosine(got: torch.Tensor, exact: torch.Tensor) -> float:
 
 def engine_hypergradient(case) -> torch.Tensor:
     case.engine.run()
-    return case.engine.last_gradient(case.upper)[f"{case.upper}.value"]
+    return case.engine.status(case.upper).gradient[f"{case.upper}.value"]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
@@ -73,9 +73,18 @@ def test_sama_points_the_right_way_under_adam():
     assert report.relative_error > 1e-3
 
 
-def test_sama_refuses_non_adam_optimizers():
-    with pytest.raises(TypeError, match="sama.*Adam.*SGD"):
-        sample_weights("sama")
+def test_sama_under_sgd_is_darts_with_the_learning_rate():
+    # SGD's update responds to its gradient through lr * I: SAMA's adaptation reduces to DARTS' scale
+    sama = engine_hypergradient(sample_weights("sama"))
+    darts = engine_hypergradient(sample_weights("darts"))
+    first = engine_hypergradient(sample_weights("first_order"))
+    assert relative_error(sama, darts) < 1e-12
+    assert relative_error(sama, first) < 1e-6
+
+
+def test_sama_refuses_optimizers_without_a_known_adaptation():
+    with pytest.raises(TypeError, match=r"problem 'inner' uses hypergrad='sama'.*'SGD', 'Adam', 'AdamW'.*RMSprop"):
+        sample_weights("sama", optimizer="rmsprop")
 
 
 @pytest.mark.parametrize("method", IMPLICIT + ["darts"])
@@ -111,7 +120,7 @@ def test_cg_is_not_fooled_by_a_few_iterations():
     err_few = relative_error(engine_hypergradient(few), few.exact)
     err_many = relative_error(engine_hypergradient(many), many.exact)
     assert err_many < 1e-10 < 1e-3 < err_few
-    assert few.engine.hypergrad_info["weights"]["inner"].solve.iterations == 1
+    assert few.engine.status("weights").diagnostics["inner"].solve.iterations == 1
 
 
 @pytest.mark.parametrize(

@@ -217,7 +217,7 @@ def test_bilevel_example_learns_neuron_parameters_through_the_engine():
     engine.run()
     for n, before in zip(neurons, start, strict=True):
         assert torch.isfinite(n.threshold).all() and not torch.equal(n.threshold, before)
-    hypergrad = engine.last_gradient("neurons")
+    hypergrad = engine.status("neurons").gradient
     assert hypergrad and all(torch.isfinite(g).all() for g in hypergrad.values())
 
 

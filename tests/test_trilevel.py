@@ -1,10 +1,13 @@
 """A nested three-level program (each level reads the one below) with implicit methods at every level.
 
 Here the middle problem's own loss reads the lowest solution. Its hypergradient from the lowest
-level is exact (a bilevel push). For the top level the middle problem's best response is
-differentiated with the lowest solution held fixed in the middle Hessian: the documented
-partial-Hessian rule, checked here against its closed form.
+level is exact (a bilevel push). With ``nested="partial"`` on the middle problem, its best response
+is differentiated for the top level with the lowest solution held fixed in the middle Hessian
+(Betty's rule), checked here against that rule's closed form; the exact total rule is checked in
+``test_nested_exact.py``.
 """
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -60,7 +63,7 @@ def test_nested_three_levels(method):
         module=mid_m,
         optimizer=torch.optim.SGD(mid_m.parameters(), lr=0.0),
         data=[(xc, yc)],
-        config=cfg,
+        config=replace(cfg, nested="partial"),
     )
     top = Top("top", module=top_m, optimizer=torch.optim.SGD(top_m.parameters(), lr=0.0), data=[(xd, yd)])
     engine = Engine(
@@ -69,20 +72,20 @@ def test_nested_three_levels(method):
         EngineConfig(train_iters=1),
     )
     engine.run()
-    assert engine.state_of("mid").steps == 1 and engine.state_of("top").steps == 1
+    assert engine.status("mid").steps == 1 and engine.status("top").steps == 1
 
     # middle level: exact bilevel hypergradient through the lowest solution
     jacobian = RHO * torch.linalg.inv(h_low)  # dw_low*/dw_mid (symmetric)
     direct = torch.exp(lam) * w_mid + (w_mid - 1.0)
     through_low = jacobian @ (xc.T @ (xc @ w_low - yc) / 20)
     expected_mid = direct + through_low
-    got_mid = engine.last_gradient("mid")["mid.weight"].reshape(-1)
+    got_mid = engine.status("mid").gradient["mid.weight"].reshape(-1)
     torch.testing.assert_close(got_mid, expected_mid, rtol=1e-6, atol=1e-10)
 
     # top level: middle Hessian taken with the lowest solution fixed = (exp(lam) + 1) I
     grad_top_w = xd.T @ (xd @ w_mid - yd) / 20
     expected_top = -torch.exp(lam) * (w_mid @ grad_top_w) / (torch.exp(lam) + 1.0)
-    got_top = engine.last_gradient("top")["top.value"]
+    got_top = engine.status("top").gradient["top.value"]
     torch.testing.assert_close(got_top, expected_top, rtol=1e-6, atol=1e-10)
 
 

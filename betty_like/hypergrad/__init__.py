@@ -1,58 +1,36 @@
-"""Hypergradient methods: how an upper problem's gradient passes through a lower solution.
+"""Hypergradient methods and the traversal that composes them over a problem graph.
 
-Each method is registered in :data:`METHODS` by name. Two families:
+Every method is one module with a capability record (:class:`Method`); :data:`METHODS` is the one
+list of them, and ``ProblemConfig.hypergrad`` is checked against it. Two families:
 
 * *unrolled* methods (``unroll``, ``first_order``) take the lower problem's steps differentiably;
-  the gradient then flows by reverse mode through those steps, so they have no push function.
+  the gradient flows by reverse mode through those steps (:mod:`.unroll`).
 * *pushing* methods (``neumann``, ``cg``, ``fixed_point``, ``darts``, ``sama``) work at the current
-  lower solution: ``hypergrad(ctx) -> (grads on lam, info)``, a pure function of a
-  :class:`HypergradContext`.
+  lower solution: ``push(ctx) -> (v^T dw*/dx, info)``, a pure function of a :class:`HypergradContext`.
+
+:func:`hypergradient` (:mod:`.total_derivative`) is the traversal.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-from . import cg, darts, fixed_point, neumann, sama
+from . import cg, darts, first_order, fixed_point, neumann, sama, unroll
 from ._context import HypergradContext, HypergradInfo
-from ._linsolve import SolveInfo, conjugate_gradient, dense
+from ._linsolve import LinearSystem, SolveInfo, conjugate_gradient, dense
 from ._linsolve import neumann as neumann_series
-from ._tree import Params
-
-Push = Callable[[HypergradContext], tuple[Params, HypergradInfo]]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A registered hypergradient method.
-
-    Attributes:
-        name: the ``ProblemConfig.hypergrad`` value.
-        push: the pure push function, or ``None`` for unrolled methods.
-        through_w: for unrolled methods, whether the steps are differentiated with respect to the
-            lower parameters themselves (``unroll``) or only through the upper ones (``first_order``).
-        second_order: whether it needs double backward through the lower problem's model.
-    """
-
-    name: str
-    push: Push | None
-    through_w: bool = True
-    second_order: bool = True
-
-    @property
-    def unrolled(self) -> bool:
-        return self.push is None
-
+from ._method import Method
+from .total_derivative import Hypergradient, Level, Program, hypergradient
 
 METHODS: dict[str, Method] = {
-    "unroll": Method("unroll", None, through_w=True),
-    "first_order": Method("first_order", None, through_w=False),
-    "darts": Method("darts", darts.hypergrad, second_order=False),
-    "sama": Method("sama", sama.hypergrad, second_order=False),
-    "neumann": Method("neumann", neumann.hypergrad),
-    "cg": Method("cg", cg.hypergrad),
-    "fixed_point": Method("fixed_point", fixed_point.hypergrad),
+    m.name: m
+    for m in (
+        unroll.METHOD,
+        first_order.METHOD,
+        darts.METHOD,
+        sama.METHOD,
+        neumann.METHOD,
+        cg.METHOD,
+        fixed_point.METHOD,
+    )
 }
 
 
@@ -61,17 +39,22 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown hypergradient method {name!r}; choose one of {sorted(METHODS)}") from None
+        raise ValueError(f"unknown hypergradient method {name!r}; choose one of {list(METHODS)}") from None
 
 
 __all__ = [
     "METHODS",
     "HypergradContext",
     "HypergradInfo",
+    "Hypergradient",
+    "Level",
+    "LinearSystem",
     "Method",
+    "Program",
     "SolveInfo",
     "conjugate_gradient",
     "dense",
     "get_method",
+    "hypergradient",
     "neumann_series",
 ]

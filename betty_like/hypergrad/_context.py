@@ -1,16 +1,18 @@
-"""What a hypergradient method is given: pure functions and tensors, never a Problem."""
+"""What a push is given: pure functions and tensors, never a Problem or the engine."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from ..config import ProblemConfig
-from ..optim import FunctionalOptimizer
 from ._linsolve import MatVec, SolveInfo
 from ._tree import Params
+
+if TYPE_CHECKING:
+    from ..optim import FunctionalOptimizer
 
 
 def _identity(matvec: MatVec) -> MatVec:
@@ -19,33 +21,39 @@ def _identity(matvec: MatVec) -> MatVec:
 
 @dataclass(frozen=True)
 class HypergradContext:
-    """Everything needed to push a vector ``v`` through one lower problem's best response.
+    """Everything needed to push a vector ``v`` through one lower problem's best response ``w*(x)``.
 
     Attributes:
-        inner_loss: ``f(w, lam)``, the lower problem's loss on its current batch, with its own
-            parameters ``w`` and the upper parameters ``lam`` substituted (other problems fixed).
-        w: the lower problem's current parameters (detached), keyed ``"<problem>.<param>"``.
-        lam: the upper parameters that appear in ``f`` (detached), keyed the same way.
-        v: the vector on ``w`` to push, ``dF/dw`` for an upper loss ``F``.
-        config: the lower problem's config (solver iterations, tolerance, alpha, damping, ...).
-        optimizer: a pure view of the lower problem's own optimizer (update map, learning rate,
-            Adam moments).
-        matvec_wrap: applied to every Hessian-vector product map: the place for damping, precision
-            and cross-process all-reduce.
+        owner: the lower problem's name (for messages).
+        objective: ``f(w, x)``, the lower problem's loss on its current batch with its own
+            parameters ``w`` and the parameters ``x`` it responds to substituted. With
+            ``nested="total"`` the solutions of its own lowers are their best responses to ``w`` (and
+            ``x``), so its stationarity condition is the total one.
+        w: the lower problem's parameters at which to differentiate (they require grad).
+        x: the parameters its solution responds to (they require grad), keyed ``"<problem>.<param>"``.
+        v: the vector on ``w`` to push.
+        config: the lower problem's :class:`~betty_like.ProblemConfig`.
+        optimizer: a pure view of its own optimizer (update map, per-group learning rates, moments).
+        create_graph: the push itself is differentiated further (a deeper level's stationarity).
+        matvec_wrap: applied to every Hessian-vector product map: the place for precision and
+            cross-process reduction.
     """
 
-    inner_loss: Callable[[Params, Params], Tensor]
+    owner: str
+    objective: Callable[[Params, Params], Tensor]
     w: Params
-    lam: Params
+    x: Params
     v: Params
-    config: ProblemConfig
+    config: Any
     optimizer: FunctionalOptimizer
+    create_graph: bool = False
     matvec_wrap: Callable[[MatVec], MatVec] = field(default=_identity)
 
 
 @dataclass
 class HypergradInfo:
-    """Diagnostics of one push: the method, and the linear solve if there was one."""
+    """Diagnostics of one push: the lower problem, the method, and the linear solve if there was one."""
 
+    problem: str
     method: str
     solve: SolveInfo | None = None

@@ -1,56 +1,67 @@
 """The one implicit-differentiation core shared by neumann, cg and fixed_point.
 
-At a root ``r(w*, lam) = 0`` the implicit function theorem gives
-``v^T dw*/dlam = -(dr/dlam)^T u`` with ``(dr/dw)^T u = v``. The methods differ only in the
-residual ``r`` (the gradient of the inner loss, or ``w - Phi(w)`` for an optimizer update ``Phi``)
-and in the solver for ``u``. Products with ``(dr/dw)^T`` are vector-Jacobian products on a residual
-computed once with ``create_graph=True``: no Jacobian or Hessian is ever formed.
+At a root ``r(w*, x) = 0`` the implicit function theorem gives ``v^T dw*/dx = -(dr/dx)^T u`` with
+``(dr/dw)^T u = v``. The methods differ only in the residual ``r`` (the gradient of the objective,
+or ``w - Phi(w)`` for an optimizer update ``Phi``) and in the solver for ``u``. Products with
+``(dr/dw)^T`` are vector-Jacobian products on a residual computed once with ``create_graph=True``:
+no Jacobian or Hessian is ever formed. The solve is a :class:`~._linsolve.LinearSystem`, so when a
+deeper level differentiates this push (its own stationarity goes through this best response), the
+push is exact to that order too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
+
+import torch
 
 from ._context import HypergradContext, HypergradInfo
-from ._linsolve import MatVec, SolveInfo
+from ._linsolve import GraphMatVec, LinearSystem, Solver, transpose
 from ._tree import Params, axpy, grads, scale
 
 Residual = Callable[[Params, Params], Params]
-Solver = Callable[[MatVec, Params], tuple[Params, SolveInfo]]
 
 
 def gradient_residual(ctx: HypergradContext) -> Residual:
-    """``r(w, lam) = grad_w f(w, lam)``: stationarity of the inner loss."""
+    """``r(w, x) = grad_w f(w, x)``: stationarity of the objective (symmetric Jacobian: the Hessian)."""
 
-    def residual(w: Params, lam: Params) -> Params:
-        return grads(ctx.inner_loss(w, lam), w, create_graph=True)
+    def residual(w: Params, x: Params) -> Params:
+        return grads(ctx.objective(w, x), w, create_graph=True)
 
     return residual
 
 
-def damped(matvec: MatVec, damping: float) -> MatVec:
-    """``u -> A u + damping * u``: ridge regularisation of the system as a matvec wrapper."""
+def _damped(matvec: GraphMatVec, damping: float) -> GraphMatVec:
+    """``u -> A u + damping * u``: ridge regularisation of the system."""
     if damping == 0.0:
         return matvec
-    return lambda u: axpy(damping, u, matvec(u))
+    return lambda u, create_graph: axpy(damping, u, matvec(u, create_graph))
 
 
-def root_vjp(
-    ctx: HypergradContext, residual: Residual, solve: Solver, method: str
+def root_push(
+    ctx: HypergradContext, residual: Residual, solver: Solver, method: str, symmetric: bool
 ) -> tuple[Params, HypergradInfo]:
-    """``v^T dw*/dlam`` for ``w*`` defined by ``residual(w*, lam) = 0``."""
-    w = {k: t.detach().requires_grad_(True) for k, t in ctx.w.items()}
-    lam = {k: t.detach().requires_grad_(True) for k, t in ctx.lam.items()}
-    r = residual(w, lam)
-    names = list(r)
-    outputs = [r[n] for n in names]
+    """``v^T dw*/dx`` for ``w*`` defined by ``residual(w*, x) = 0``."""
+    r = residual(ctx.w, ctx.x)
+    keys = list(r)
+    outputs = [r[k] for k in keys]
 
-    def vjp_w(u: Params) -> Params:
-        return grads(outputs, w, grad_outputs=[u[n] for n in names], retain_graph=True)
+    def vjp_w(u: Params, create_graph: bool) -> Params:
+        return grads(outputs, ctx.w, grad_outputs=[u[k] for k in keys], retain_graph=True, create_graph=create_graph)
 
-    u, solve_info = solve(ctx.matvec_wrap(damped(vjp_w, ctx.config.damping)), ctx.v)
-    pushed = grads(outputs, lam, grad_outputs=[u[n] for n in names])
-    return scale(-1.0, pushed), HypergradInfo(method, solve_info)
+    operator = _damped(vjp_w, ctx.config.damping)
+
+    def matvec(u: Params, create_graph: bool) -> Params:
+        return ctx.matvec_wrap(partial(operator, create_graph=create_graph))(u)
+
+    system = LinearSystem(matvec, matvec if symmetric else transpose(matvec, ctx.v), solver)
+    with torch.set_grad_enabled(ctx.create_graph):
+        u, solve_info = system.solve(ctx.v)
+    pushed = grads(
+        outputs, ctx.x, grad_outputs=[u[k] for k in keys], create_graph=ctx.create_graph, retain_graph=ctx.create_graph
+    )
+    return scale(-1.0, pushed), HypergradInfo(ctx.owner, method, solve_info)
 
 
 def default_tolerance(ctx: HypergradContext) -> float:

@@ -4,6 +4,11 @@ They know nothing of models: ``matvec`` is any linear map on ``dict[str, Tensor]
 precision policy and cross-process reduction are applied by wrapping ``matvec``, never by flags
 here. Each returns the relative residual history so callers (``check_hypergradient``) can show
 how far the solve got.
+
+:class:`LinearSystem` makes a solve an autograd operation: its value comes from a solver, and its
+derivative (in the right-hand side and in whatever the operator depends on) costs one more solve
+with the transposed operator, never a graph of solver iterations. That is what lets pushes through
+best responses compose across levels.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._tree import Params, axpy, dot, norm, scale, zeros_like
+from ._tree import Params, axpy, detach, dot, grads, norm, scale, zeros_like
 
 MatVec = Callable[[Params], Params]
+Solver = Callable[[MatVec, Params], tuple[Params, "SolveInfo"]]
+GraphMatVec = Callable[[Params, bool], Params]
 
 
 @dataclass
@@ -134,3 +141,70 @@ def dense(matvec: MatVec, b: Params) -> tuple[Params, SolveInfo]:
     return {
         n: piece.reshape(s).to(b[n].dtype) for n, piece, s in zip(names, pieces, shapes, strict=False)
     }, info
+
+
+@dataclass(frozen=True)
+class LinearSystem:
+    """``A x = b`` with ``A`` given by products: ``matvec(u, create_graph)`` and its transpose ``rmatvec``.
+
+    ``create_graph=True`` asks for a product that is itself differentiable (in ``u`` and in what
+    ``A`` depends on); the solver's own iterations never ask for it.
+    """
+
+    matvec: GraphMatVec
+    rmatvec: GraphMatVec
+    solver: Solver
+
+    def transposed(self) -> LinearSystem:
+        return LinearSystem(self.rmatvec, self.matvec, self.solver)
+
+    def solve(self, b: Params) -> tuple[Params, SolveInfo]:
+        """``A^-1 b``; under grad mode differentiable in ``b`` and in ``A``'s dependencies.
+
+        The value is the solver's answer ``x``. Derivatives come from two refinement steps
+        ``y <- y + Z(b - A y)`` starting at ``x``, where ``Z`` is zero in value and its vector-Jacobian
+        product is ``A^-T g`` (one more solve). One step gives ``dx = A^-1 (db - dA x)``, the exact
+        first derivative; the second makes second derivatives exact too (``-2 A^-1 dA dx`` needs the
+        graph of ``dx`` itself), which a level whose own Hessian goes through this solve needs.
+        """
+        x, info = self.solver(lambda u: self.matvec(u, False), detach(b))
+        x = detach(x)
+        if not torch.is_grad_enabled():
+            return x, info
+        keys = list(x)
+        for _ in range(2):
+            product = self.matvec(x, True)
+            residual = [b[k] - product[k] for k in keys]
+            if not any(r.requires_grad for r in residual):
+                break
+            corrections = _AdjointSolve.apply(self, keys, *residual)
+            x = {k: x[k] + c for k, c in zip(keys, corrections, strict=True)}
+        return x, info
+
+
+class _AdjointSolve(torch.autograd.Function):
+    """Zero in value; its vector-Jacobian product is a solve with the transposed system."""
+
+    @staticmethod
+    def forward(ctx, system: LinearSystem, keys: list[str], *residual: torch.Tensor):
+        ctx.system = system
+        ctx.keys = keys
+        return tuple(torch.zeros_like(r) for r in residual)
+
+    @staticmethod
+    def backward(ctx, *cotangents: torch.Tensor):
+        g = {k: c for k, c in zip(ctx.keys, cotangents, strict=True)}
+        solution, _ = ctx.system.transposed().solve(g)  # differentiable again when this backward is
+        return (None, None, *(solution[k] for k in ctx.keys))
+
+
+def transpose(vjp: GraphMatVec, like: Params) -> GraphMatVec:
+    """``u -> J u`` from ``u -> J^T u``: the derivative of the (linear) vjp in its argument, applied to ``u``."""
+    def jvp(u: Params, create_graph: bool) -> Params:
+        with torch.enable_grad():
+            z = {k: torch.zeros_like(t, requires_grad=True) for k, t in like.items()}
+            out = vjp(z, True)
+            keys = list(out)
+            return grads([out[k] for k in keys], z, grad_outputs=[u[k] for k in keys], create_graph=create_graph)
+
+    return jvp

@@ -5,12 +5,21 @@ from __future__ import annotations
 from functools import partial
 
 from ._context import HypergradContext, HypergradInfo
-from ._implicit import default_tolerance, gradient_residual, root_vjp
+from ._implicit import default_tolerance, gradient_residual, root_push
 from ._linsolve import conjugate_gradient
+from ._method import Method
 from ._tree import Params
 
 
-def hypergrad(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
-    """``-d/dlam <grad_w f, H^-1 v>``; needs ``H + damping * I`` positive definite."""
+def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
+    """``-d/dx <grad_w f, H^-1 v>``; needs ``H + damping * I`` positive definite."""
     solve = partial(conjugate_gradient, iterations=ctx.config.iterations, tol=default_tolerance(ctx))
-    return root_vjp(ctx, gradient_residual(ctx), solve, "cg")
+    return root_push(ctx, gradient_residual(ctx), solve, "cg", symmetric=True)
+
+
+METHOD = Method(
+    "cg",
+    "implicit differentiation, H^-1 v by conjugate gradient on Hessian-vector products",
+    push,
+    exact=True,
+)

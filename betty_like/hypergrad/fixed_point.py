@@ -1,6 +1,6 @@
 """Implicit differentiation of the lower problem's own optimizer update map ``Phi``.
 
-At a fixed point ``w* = Phi(w*, lam)`` the residual is ``w - Phi(w, lam)``; the linear system
+At a fixed point ``w* = Phi(w*, x)`` the residual is ``w - Phi(w, x)``; the linear system
 ``(I - dPhi/dw)^T u = v`` is solved by the fixed-point iteration ``u <- v + (dPhi/dw)^T u``, which
 is reverse mode through repeated optimizer steps at the solution. For SGD this equals the Neumann
 method with ``alpha = lr``; for Adam the preconditioner cancels at a stationary point, so the
@@ -12,27 +12,37 @@ from __future__ import annotations
 from functools import partial
 
 from ._context import HypergradContext, HypergradInfo
-from ._implicit import Residual, default_tolerance, root_vjp
+from ._implicit import Residual, default_tolerance, root_push
 from ._linsolve import neumann
+from ._method import Method
 from ._tree import Params, grads
 
 
 def update_residual(ctx: HypergradContext) -> Residual:
-    """``r(w, lam) = w - Phi(w, lam)`` with ``Phi`` one step of the user's optimizer (state frozen)."""
+    """``r(w, x) = w - Phi(w, x)`` with ``Phi`` one step of the user's optimizer (state frozen)."""
 
-    def residual(w: Params, lam: Params) -> Params:
-        gradient = grads(ctx.inner_loss(w, lam), w, create_graph=True)
+    def residual(w: Params, x: Params) -> Params:
+        gradient = grads(ctx.objective(w, x), w, create_graph=True)
         stepped, _ = ctx.optimizer.step(w, gradient)
         return {k: w[k] - stepped[k] for k in w}
 
     return residual
 
 
-def hypergrad(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
+def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
     if ctx.optimizer.learning_rate() <= 0:
         raise ValueError(
-            f"fixed_point for problem {ctx.optimizer.owner!r} differentiates its optimizer's update, which is the "
+            f"fixed_point for problem {ctx.owner!r} differentiates its optimizer's update, which is the "
             "identity at learning rate 0: give the optimizer a positive learning rate, or use hypergrad='cg'"
         )
     solve = partial(neumann, iterations=ctx.config.iterations, tol=default_tolerance(ctx), alpha=1.0)
-    return root_vjp(ctx, update_residual(ctx), solve, "fixed_point")
+    return root_push(ctx, update_residual(ctx), solve, "fixed_point", symmetric=False)
+
+
+METHOD = Method(
+    "fixed_point",
+    "implicit differentiation of the optimizer's own update map (reverse mode through its steps at the solution)",
+    push,
+    steps_optimizer=True,
+    exact=True,
+)

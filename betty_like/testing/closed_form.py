@@ -145,11 +145,12 @@ def sample_weights(
     exact = -(s * (1 - s)) * residual * (x @ q) / n
     lipschitz = float(torch.linalg.eigvalsh(hessian).max())
     module = linear(d, w_star if at_solution else torch.zeros(d, dtype=DTYPE))
-    opt = (
-        torch.optim.SGD(module.parameters(), lr=1.0 / lipschitz)
-        if optimizer == "sgd"
-        else torch.optim.Adam(module.parameters(), lr=0.05)
-    )
+    optimizers = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=1.0 / lipschitz),
+        "adam": lambda p: torch.optim.Adam(p, lr=0.05),
+        "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01),
+    }
+    opt = optimizers[optimizer](module.parameters())
     inner = WeightedInner(
         "inner",
         module=module,

@@ -3,7 +3,7 @@
 With small models at small batches the framework, not the arithmetic, is the cost of a step: every
 operator of the forward, backward and update passes through Python and the dispatcher. A problem with
 ``ProblemConfig(execution="compiled")`` runs its plain (first-order) steps as one captured graph per
-batch shape (:class:`~betty_like.backends._compiled_step.CapturedStep`); ``execution="auto"`` times
+batch shape (:class:`~betty_like.execution._compiled_step.CapturedStep`); ``execution="auto"`` times
 eager and captured steps on the first steps of each batch shape and keeps the faster.
 
 What stays eager, and why:
@@ -206,8 +206,8 @@ def plan_executions(
 ) -> dict[str, StepExecution]:
     """A :class:`StepExecution` for every problem whose config asks for one and that has plain steps.
 
-    ``states`` are the engine's per-problem states (problem, leaves, functional optimizer, whether it
-    unrolls). Raises ``TypeError`` for ``execution="compiled"`` with an optimizer that has no pure step.
+    ``states`` are the engine's per-problem set-ups (problem, leaves, functional optimizer, whether it
+    unrolls); ``lowers(name)`` lists the problems ``name`` reads (a problem that reads none steps alone). Raises ``TypeError`` for ``execution="compiled"`` with an optimizer that has no pure step.
     """
     executions: dict[str, StepExecution] = {}
     for name, state in states.items():
@@ -218,8 +218,9 @@ def plan_executions(
         if lowers(name):
             warn_once(
                 f"execution:{name}",
-                f"problem {name!r}: execution={execution!r} does not apply to its steps: each takes a hypergradient, "
-                "which needs second-order graphs that PyTorch cannot take through compiled code; they run eager",
+                f"problem {name!r}: execution={execution!r} applies to problems that read no other solution; its steps "
+                "wait for the problems it reads (and may take a hypergradient, which PyTorch cannot differentiate "
+                "through compiled code), so they run eager",
             )
             continue
         if state.unrolls:

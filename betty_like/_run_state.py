@@ -1,0 +1,100 @@
+"""The engine's changing state, split by concern, and the read-only status it shows users."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from .hypergrad import HypergradInfo
+from .optim import Params, State
+
+
+@dataclass
+class Schedule:
+    """Where a problem is in the schedule."""
+
+    rounds: int = 0  # times it was due (every iteration for leaves; when all it reads reported for others)
+    steps: int = 0  # steps taken (warm-up included, skipped steps not)
+    since_report: int = 0  # steps since it last reported to its readers
+    ready: set[str] = field(default_factory=set)  # problems it reads that reported since its last step
+
+
+@dataclass
+class Window:
+    """An open unrolled window: weights and optimizer state that carry their graph to upper parameters."""
+
+    params: Params
+    state: State
+    steps: int = 0  # steps since it opened (for truncation)
+
+
+@dataclass
+class Record:
+    """What a problem's last step produced."""
+
+    loss: float | None = None
+    gradient: Params | None = None
+    infos: dict[str, HypergradInfo] = field(default_factory=dict)
+    skipped: int = 0
+
+
+@dataclass(frozen=True)
+class ProblemStatus:
+    """A read-only view of one problem, from :meth:`Engine.status`.
+
+    Attributes:
+        name: the problem.
+        steps: steps taken (warm-up included, skipped ones not).
+        loss: the loss of its last step.
+        gradient: the (hyper)gradient handed to its optimizer at its last step, before clipping,
+            keyed ``"<problem>.<param>"``.
+        diagnostics: per lower problem, the push diagnostics of its last hypergradient (method and
+            linear solve: iterations, residuals, convergence).
+        skipped: steps skipped for a non-finite loss (``on_nonfinite="skip"``).
+        window_open: whether it holds unrolled steps not yet consumed by the problems above it.
+    """
+
+    name: str
+    steps: int
+    loss: float | None
+    gradient: Mapping[str, torch.Tensor] | None
+    diagnostics: Mapping[str, HypergradInfo]
+    skipped: int
+    window_open: bool
+
+    @classmethod
+    def of(cls, name: str, schedule: Schedule, record: Record, window: Window | None) -> ProblemStatus:
+        gradient = None if record.gradient is None else MappingProxyType(dict(record.gradient))
+        return cls(
+            name, schedule.steps, record.loss, gradient, MappingProxyType(dict(record.infos)), record.skipped, window is not None
+        )
+
+
+def random_states() -> dict[str, Any]:
+    """Every generator a step may draw from (python, numpy if present, torch CPU and CUDA)."""
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy
+
+        states["numpy"] = numpy.random.get_state()
+    except ImportError:  # numpy is a dependency, but a missing one must not break a step
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_random_states(states: Mapping[str, Any]) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "numpy" in states:
+        import numpy
+
+        numpy.random.set_state(states["numpy"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])

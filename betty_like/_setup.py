@@ -1,0 +1,110 @@
+"""What the engine fixes about each problem when it is built, and the checks that make it safe.
+
+Every mistake found here raises before the first step with the problem, the value and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._data import BatchStream
+from .backends.registry import swap
+from .graph import Graph
+from .hypergrad import Method, get_method
+from .optim import FunctionalOptimizer, Params
+from .problem import Problem
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The fixed facts of one problem inside an engine.
+
+    Attributes:
+        problem: the user's problem.
+        method: its hypergradient method (how gradients of the problems above pass through it).
+        leaves: the parameters its optimizer holds, keyed ``"<problem>.<param>"``.
+        functional: the pure view of its optimizer.
+        unrolls: it takes unrolled (differentiable) steps for the problems above it.
+        period: steps of one unrolled window: its ``unroll_steps`` times its slowest reader's ``step_every``.
+        stream: its batches.
+    """
+
+    problem: Problem
+    method: Method
+    leaves: Params
+    functional: FunctionalOptimizer
+    unrolls: bool
+    period: int
+    stream: BatchStream
+
+
+def set_up(p: Problem, graph: Graph, problems: dict[str, Problem], device: torch.device | None) -> Setup:
+    if p.module is None or p.optimizer is None:
+        missing = "module" if p.module is None else "optimizer"
+        raise ValueError(
+            f"problem {p.name!r} has no {missing}: every problem needs a module with parameters and an "
+            "optimizer over them, e.g. optimizer=torch.optim.SGD(module.parameters(), lr=0.1)"
+        )
+    if device is not None:
+        p.module.to(device)
+    if p.config.backend is not None:  # same parameter objects after the swap: the checks below still hold
+        swap(p.module, p.config.backend, prefix=f"{p.name}.")
+    by_id = {id(t): f"{p.name}.{n}" for n, t in p.module.named_parameters()}
+    leaves: Params = {}
+    for group in p.optimizer.param_groups:
+        for t in group["params"]:
+            if id(t) not in by_id:
+                raise ValueError(
+                    f"problem {p.name!r}: its optimizer holds a tensor of shape {tuple(t.shape)} that is not a "
+                    "parameter of its module; build the optimizer from module.parameters()"
+                )
+            leaves[by_id[id(t)]] = t
+    if not leaves:
+        raise ValueError(f"problem {p.name!r} has an optimizer with no parameters: give it its module's parameters")
+    method = get_method(p.config.hypergrad)
+    served = [n for n in graph.names if p.name in graph.responders(n)]
+    if served:
+        _check_method(p, method, graph, problems)
+    unrolls = method.unrolled and bool(served)
+    functional = FunctionalOptimizer.from_optimizer(
+        p.optimizer, by_id, p.name, differentiable=bool(served) and method.steps_optimizer
+    )
+    patience = max((problems[r].config.step_every for r in graph.readers(p.name)), default=1)
+    stream = BatchStream(p.name, p.data, device)
+    return Setup(p, method, leaves, functional, unrolls, p.config.unroll_steps * patience, stream)
+
+
+def _check_method(p: Problem, method: Method, graph: Graph, problems: dict[str, Problem]) -> None:
+    """``method`` can carry the gradients of the problems above ``p`` through its solution."""
+    if method.optimizers is not None and type(p.optimizer) not in method.optimizers:
+        raise TypeError(
+            f"problem {p.name!r} uses hypergrad={method.name!r}, which supports the optimizers "
+            f"{[c.__name__ for c in method.optimizers]}, but its optimizer is {type(p.optimizer).__name__}: "
+            "use one of them, or hypergrad='darts'"
+        )
+    if method.second_order:
+        first_order_only = sorted({type(m).__name__ for m in p.module.modules() if getattr(m, "first_order_only", False)})
+        if first_order_only:
+            raise ValueError(
+                f"problem {p.name!r} uses hypergrad={method.name!r}, which needs second derivatives through its "
+                f"model, but {first_order_only} in its module support first-order gradients only: use "
+                "hypergrad='darts' or 'sama', or a layer configuration with double backward"
+            )
+    if not method.unrolled:
+        return
+    for middle in graph.names:
+        reader = problems[middle]
+        if p.name not in graph.responders(middle) or reader.config.nested != "total":
+            continue
+        if get_method(reader.config.hypergrad).unrolled:
+            continue
+        roots = [r for r in graph.names if middle in graph.consumed(r)]
+        if roots:
+            raise ValueError(
+                f"problem {p.name!r} uses hypergrad={method.name!r} below {middle!r}, whose best response "
+                f"({reader.config.hypergrad!r}, nested='total') is differentiated for {roots[0]!r} through "
+                f"{p.name!r}'s best response, which unrolled steps do not define. Give {p.name!r} an implicit "
+                f"method, unroll {middle!r} too, or set ProblemConfig(nested='partial') on {middle!r}"
+            )

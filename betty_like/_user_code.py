@@ -1,0 +1,41 @@
+"""The one place user code runs: every error it raises, or returns, names the problem."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor
+
+from ._functional import ProblemModules, call_with
+
+
+def _note(error: BaseException, message: str) -> None:
+    if hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(message)
+
+
+def call_user(
+    owner: str, what: str, modules: ProblemModules, params: Mapping[str, Tensor] | None, fn: Callable, *args: Any
+) -> Any:
+    """``fn(*args)`` with ``params`` substituted (``None``: the modules as they are); errors name ``owner`` and ``what``."""
+    try:
+        return fn(*args) if params is None else call_with(modules, params, fn, *args)
+    except Exception as error:
+        _note(error, f"(raised in problem {owner!r}'s {what})")
+        raise
+
+
+def checked_loss(owner: str, loss: Any, iteration: int) -> Tensor:
+    """``loss`` as a 0-d tensor, or a ``TypeError`` / ``ValueError`` naming the problem and the fix."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"problem {owner!r}: training_step must return a scalar tensor, got {type(loss).__name__} "
+            f"(iteration {iteration})"
+        )
+    if loss.numel() != 1:
+        raise ValueError(
+            f"problem {owner!r}: training_step returned a tensor of shape {tuple(loss.shape)} at iteration "
+            f"{iteration}; return a scalar, e.g. loss.mean()"
+        )
+    return loss if loss.dim() == 0 else loss.reshape(())
