@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._context import HypergradContext, HypergradInfo
 from ._method import Method
@@ -94,7 +95,18 @@ def hypergradient(
 
     ``create_graph`` keeps the result differentiable (an unrolled step of ``root``).
     ``detach_context`` evaluates everything else at detached values (a truncated unrolled step).
+
+    Every forward in here may be differentiated twice (the pushes) or kept for a later backward
+    (unrolled steps), so ``scaled_dot_product_attention`` runs its math kernel: the fused kernels
+    have no double backward. A plain first-order step keeps the fused ones.
     """
+    with sdpa_kernel([SDPBackend.MATH]):
+        return _total_derivative(program, root, values, create_graph, detach_context)
+
+
+def _total_derivative(
+    program: Program, root: str, values: Params | None, create_graph: bool, detach_context: bool
+) -> Hypergradient:
     level = program.levels[root]
     values = level.params if values is None else values
     base = {k: t.detach() if detach_context else t for lvl in program.levels.values() for k, t in lvl.params.items()}
