@@ -40,13 +40,14 @@ def keeps_graph(truncate: int | None, step_in_period: int, period: int) -> bool:
 
 
 def window_gradient(
-    program: Program, root: str, weights: Params, keep_graph: bool, through_w: bool
+    program: Program, root: str, weights: Params, keep_graph: bool, through_w: bool, create_graph: bool | None = None
 ) -> tuple[Hypergradient, Params]:
     """``(hypergradient at the window's weights, the weights the step starts from)``.
 
     With ``through_w`` (``unroll``) the gradient is a function of the weights themselves, so the
     Hessian terms in them stay; otherwise (``first_order``) it is taken at detached weights, so only
-    its dependence on the upper parameters is differentiated.
+    its dependence on the upper parameters is differentiated. ``create_graph=False`` gives the same
+    values as a kept step without building the graph of the gradient (a rematerialized step's first run).
     """
     origin = weights if keep_graph else detach(weights)
     if keep_graph and through_w:  # after truncated (graph-free) steps, start a fresh graph at the weights
@@ -54,7 +55,8 @@ def window_gradient(
         start = origin
     else:
         start = {k: v.detach().requires_grad_(True) for k, v in origin.items()}
-    result = hypergradient(program, root, start, create_graph=keep_graph, detach_context=not keep_graph)
+    create_graph = keep_graph if create_graph is None else create_graph
+    result = hypergradient(program, root, start, create_graph=create_graph, detach_context=not keep_graph)
     return result, origin
 
 
@@ -90,8 +92,15 @@ class WindowStep:
         self.hyperparameters = optimizer.hyperparameters()  # as now: a scheduler may change them before the replay
         self.weight_keys = list(weights)
         self.state_keys = [(p, k) for p, entries in state.items() for k in entries]
+        # what the step can depend on: every other level's parameters, except responders whose values the
+        # traversal replaces by best responses (a plain step of theirs must not run this step's backward)
+        replaced = {n for n in program.graph.responders(root) if not program.levels[n].window}
         self.context_keys = [
-            k for name, level in program.levels.items() if name != root for k, t in level.params.items() if t.requires_grad
+            k
+            for name, level in program.levels.items()
+            if name != root and name not in replaced
+            for k, t in level.params.items()
+            if t.requires_grad
         ]
         context = {k: t for level in program.levels.values() for k, t in level.params.items()}
         self.inputs = [
@@ -115,7 +124,7 @@ class WindowStep:
             for name, level in self.program.levels.items()
         }
         program = Program(self.program.graph, levels)
-        result, origin = window_gradient(program, self.root, weights, differentiable, self.through_w)
+        result, origin = window_gradient(program, self.root, weights, True, self.through_w, create_graph=differentiable)
         gradient = result.gradient if self.clip is None else clip_grad_norm(result.gradient, self.clip)
         new_weights, new_state = self.optimizer.step(origin, gradient, state, self.hyperparameters)
         # kept without its graph: this object lives as long as the backward pass needs the inputs
