@@ -50,7 +50,9 @@ class BatchStream:
                 batch = next(self._iterator)
             except StopIteration:
                 self._iterator = None
-                if attempt == 1 or iter(self.data) is self.data:
+                # an iterator is its own iterable (it cannot start over); asking with iter() would draw a
+                # DataLoader's next shuffle and shift its epochs against a plain loop's
+                if attempt == 1 or isinstance(self.data, Iterator):
                     raise ValueError(
                         f"problem {self.owner!r}: its data ran out at iteration {iteration} and cannot be cycled "
                         f"({type(self.data).__name__} is empty or a one-shot iterator); pass a re-iterable such as "

@@ -68,6 +68,14 @@ def set_up(p: Problem, graph: Graph, problems: dict[str, Problem], device: torch
     if served:
         _check_method(p, method, graph, problems)
     unrolls = method.unrolled and bool(served)
+    if unrolls and p.config.unroll_memory == "remat":
+        unrolled_below = [n for n in graph.responders(p.name) if get_method(problems[n].config.hypergrad).unrolled]
+        if unrolled_below:
+            raise ValueError(
+                f"problem {p.name!r}: unroll_memory='remat' replays each step on its own, but its hypergradient goes "
+                f"through the unrolled steps of {unrolled_below}, which depend on its weights; use "
+                f"unroll_memory='graph' for {p.name!r} (remat on {unrolled_below} is fine) or an implicit method for them"
+            )
     functional = FunctionalOptimizer.from_optimizer(
         p.optimizer, by_id, p.name, differentiable=bool(served) and method.steps_optimizer
     )

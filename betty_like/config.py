@@ -14,6 +14,7 @@ from .backends.registry import check_policy
 from .hypergrad import METHODS
 
 NESTED_RULES = ("total", "partial")
+UNROLL_MEMORY = ("graph", "remat")
 DARTS_SCALES = ("lr", "identity")
 NONFINITE_POLICIES = ("raise", "skip")
 EXECUTIONS = ("eager", "compiled", "auto")
@@ -47,6 +48,9 @@ class ProblemConfig:
             ``sama`` (darts with the optimizer's adaptation: Adam's moments, the learning rate for SGD).
         unroll_steps: steps this problem takes before the problems that read its solution step.
         truncate: keep only the last ``truncate`` of the unrolled steps in the graph (``None`` = all).
+        unroll_memory: what an unrolled step keeps for the backward pass: ``"graph"`` (its whole graph)
+            or ``"remat"`` (only its inputs; the step runs again in the backward pass, replaying its
+            random numbers: far less memory for one more forward and backward per step).
         iterations: maximum iterations of the linear solver (neumann, cg, fixed_point).
         alpha: Neumann step size; ``None`` uses the problem's learning rate.
         tol: relative residual at which the solver stops; ``None`` picks a tolerance suited to the
@@ -83,6 +87,7 @@ class ProblemConfig:
     fd_epsilon: float = 0.01
     darts_scale: str = "lr"
     nested: str = "total"
+    unroll_memory: str = "graph"
     step_every: int = 1
     warmup_steps: int = 0
     grad_clip: float | None = None
@@ -99,7 +104,7 @@ class ProblemConfig:
             self.hypergrad,
             f"choose one of {list(METHODS)}",
         )
-        for name, choices in (("nested", NESTED_RULES), ("darts_scale", DARTS_SCALES)):
+        for name, choices in (("nested", NESTED_RULES), ("darts_scale", DARTS_SCALES), ("unroll_memory", UNROLL_MEMORY)):
             value = getattr(self, name)
             _require(value in choices, owner, name, value, f"choose one of {list(choices)}")
         for name in ("unroll_steps", "iterations", "step_every"):

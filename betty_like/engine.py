@@ -37,7 +37,7 @@ from .execution import ExecutionChoice, plan_executions
 from .graph import Graph
 from .hypergrad import HypergradInfo, Level, Program, hypergradient
 from .hypergrad._tree import detach
-from .hypergrad.unroll import keeps_graph, window_gradient
+from .hypergrad.unroll import WindowStep, keeps_graph, rematerialized, window_gradient
 from .optim import Params, clip_grad_norm
 from .problem import Problem
 
@@ -128,11 +128,13 @@ class Engine:
         execution = self._executions.get(name)
         return dict(execution.choices) if execution is not None else {}
 
-    def program(self, copies: bool = False) -> Program:
+    def program(self, copies: bool = False, bind_batches: bool = False) -> Program:
         """An immutable snapshot of every level for the traversal (:func:`betty_like.hypergrad.hypergradient`).
 
         With ``copies`` the leaves of problems without a window enter as copies (still differentiable
         to the leaves): a graph kept by an unrolled step then survives their in-place optimizer steps.
+        With ``bind_batches`` each loss keeps the batch its problem holds now (a step replayed later
+        must see the same data); otherwise it reads the problem's batch when it runs.
         """
         current = self.current_params()
         levels = {}
@@ -143,7 +145,9 @@ class Engine:
             levels[name] = Level(
                 name,
                 {k: current[k].clone() if copies and window is None else current[k] for k in setup.leaves},
-                partial(self._bound_loss, name),
+                partial(self._loss, name, self._batches[name])
+                if bind_batches and name in self._batches
+                else partial(self._bound_loss, name),
                 setup.method,
                 setup.problem.config,
                 setup.functional,
@@ -270,20 +274,28 @@ class Engine:
         return StepOutcome(loss, gradient, partial(self._apply, name))
 
     def _unrolled(self, name: str) -> StepOutcome:
-        """A differentiable step: the next window keeps its graph to the parameters it read."""
-        setup = self._setups[name]
+        """A differentiable step: the next window keeps its graph (or, rematerialized, its inputs) to what it read."""
+        setup, config = self._setups[name], self.problems[name].config
         window = self._window(name)
-        keep = keeps_graph(setup.problem.config.truncate, window.steps + 1, setup.period)
-        result, origin = window_gradient(self.program(copies=keep), name, window.params, keep, setup.method.through_w)
-
-        def commit(gradient: Params) -> None:
-            params, state = setup.functional.step(origin, gradient, window.state)
-            self._windows[name] = Window(params, state, window.steps + 1)
-            with torch.no_grad():  # the user's module always holds the latest weights
-                for key, leaf in setup.leaves.items():
-                    leaf.copy_(params[key])
-
+        keep = keeps_graph(config.truncate, window.steps + 1, setup.period)
+        remat = keep and config.unroll_memory == "remat"
+        program = self.program(copies=keep, bind_batches=remat)
+        if remat:
+            step = WindowStep(program, name, window.params, window.state, setup.functional, config.grad_clip, setup.method.through_w)
+            result, params, state = rematerialized(step, list(self._modules.buffers()))
+            commit = partial(self._advance_window, name, lambda _: (params, state))
+            return StepOutcome(result.loss, detach(result.gradient), commit, result.infos, result.warnings)
+        result, origin = window_gradient(program, name, window.params, keep, setup.method.through_w)
+        commit = partial(self._advance_window, name, lambda gradient: setup.functional.step(origin, gradient, window.state))
         return StepOutcome(result.loss, result.gradient, commit, result.infos, result.warnings)
+
+    def _advance_window(self, name: str, step: Callable[[Params], tuple[Params, Any]], gradient: Params) -> None:
+        """Commit of an unrolled step: the next window, mirrored into the user's module."""
+        params, state = step(gradient)
+        self._windows[name] = Window(params, state, self._windows[name].steps + 1)
+        with torch.no_grad():  # the user's module always holds the latest weights
+            for key, leaf in self._setups[name].leaves.items():
+                leaf.copy_(params[key])
 
     def _replayed(self, name: str) -> StepOutcome:
         """The captured step (:mod:`betty_like.execution.compiled`); its commit is the captured update."""

@@ -190,3 +190,21 @@ def test_an_unrolled_lower_read_by_two_uppers_serves_both(caplog):
     for name in ("first", "second"):
         gradient = engine.status(name).gradient[f"{name}.scale"]
         assert torch.isfinite(gradient) and gradient.abs() > 0
+
+
+def test_a_shuffled_dataloader_yields_the_batches_of_a_plain_loop_epoch_after_epoch():
+    # the engine must draw each epoch's shuffle exactly when a plain `for` loop over the loader would
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from betty_like._data import BatchStream
+
+    def loader():
+        data = TensorDataset(torch.arange(10.0))
+        return DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3))
+
+    plain = loader()
+    expected = [batch[0] for _epoch in range(3) for batch in plain]
+    stream = BatchStream("p", loader(), None)
+    got = [stream.next(i)[0] for i in range(len(expected))]
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
