@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from ._spiking_surrogate import Surrogate, spike, surrogate
+from ._surrogate import Surrogate, spike, surrogate
 
 Tensor = torch.Tensor
 State = tuple[Tensor, ...]

@@ -32,16 +32,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._spiking_memory import SavedTensorMeter
-from ._spiking_neurons import LIF, NEURONS, FeLIF, Neuron, Readout, State
-from ._spiking_surrogate import (
+from ._memory import SavedTensorMeter
+from ._neurons import LIF, NEURONS, FeLIF, Neuron, Readout, State
+from ._surrogate import (
     SECOND_ORDER_METHODS,
     Surrogate,
     check_hypergrad_support,
     spike,
     surrogate,
 )
-from ._spiking_synapse import QuantizedLinear, quantize
+from ._synapse import QuantizedLinear, quantize
 
 Tensor = torch.Tensor
 REDUCTIONS = ("count", "mean", "last")

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .registry import algorithm, autocast_dtype, is_channels_last
+from ..registry import algorithm
+from ._common import autocast_dtype, is_channels_last
 
 log = logging.getLogger("betty_like")
 _FORMAT = 1

@@ -31,7 +31,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from ._kron_sgd import KronTwoLayerSGD, Update, apply_update, compute_update
+from ._sgd import KronTwoLayerSGD, Update, apply_update, compute_update
 
 
 @dataclass(frozen=True)
