@@ -66,9 +66,13 @@ class Algorithm:
 class Selector(Protocol):
     """Picks an algorithm name for one layer and one input; ``choices()`` lists what it picked."""
 
-    def choose(self, layer: nn.Module, x: Tensor) -> str: ...
+    def choose(self, layer: nn.Module, x: Tensor) -> str:
+        """The algorithm name for ``layer`` on input ``x``."""
+        ...
 
-    def choices(self) -> list[tuple[str, str, str]]: ...
+    def choices(self) -> list[tuple[str, str, str]]:
+        """``(input, algorithm, why)`` for every decision so far."""
+        ...
 
 
 @runtime_checkable
@@ -96,7 +100,9 @@ def first_order_only_layers(module: nn.Module) -> list[str]:
 class Tuner(Protocol):
     """Times candidates for an op and remembers the choice (``"auto"``)."""
 
-    def choose(self, layer: nn.Module, x: Tensor, candidates: list[str]) -> tuple[str, str]: ...
+    def choose(self, layer: nn.Module, x: Tensor, candidates: list[str]) -> tuple[str, str]:
+        """The fastest of ``candidates`` for ``layer`` on inputs like ``x``, and a note with the timings."""
+        ...
 
 
 @dataclass
@@ -246,9 +252,11 @@ class Fixed:
         self.name = name
 
     def choose(self, layer: nn.Module, x: Tensor) -> str:
+        """The policy's name, whatever the input."""
         return self.name
 
     def choices(self) -> list[tuple[str, str, str]]:
+        """One row: every input gets the policy's name."""
         return [("any", self.name, "fixed by the policy")]
 
 
@@ -262,6 +270,7 @@ class _PerInput(ABC):
         self.memo: dict[Hashable, tuple[str, str, str]] = {}
 
     def choose(self, layer: nn.Module, x: Tensor) -> str:
+        """The remembered decision for inputs like ``x``, deciding on the first one."""
         key, shown = _op(self.op).input_key(x)
         if key not in self.memo:
             self.memo[key] = (shown, *self.decide(layer, x))
@@ -272,6 +281,7 @@ class _PerInput(ABC):
         """The algorithm for ``layer`` on inputs like ``x``, and a note saying why."""
 
     def choices(self) -> list[tuple[str, str, str]]:
+        """``(input, algorithm, why)`` per input key seen so far."""
         return list(self.memo.values())
 
 
@@ -283,6 +293,7 @@ class ByShape(_PerInput):
         self.op, self.label, self.fn = op, label, fn
 
     def decide(self, layer: nn.Module, x: Tensor) -> tuple[str, str]:
+        """Ask the callable once for this input shape and check its answer against the layer."""
         origin = f"the policy callable for input shape {tuple(x.shape)}"
         return _validated(self.op, layer, self.label, self.fn(layer, tuple(x.shape)), origin), "policy callable"
 
@@ -295,6 +306,7 @@ class Auto(_PerInput):
         self.op, self.label, self.tuner = op, label, tuner
 
     def decide(self, layer: nn.Module, x: Tensor) -> tuple[str, str]:
+        """Let the tuner time the layer's tunable algorithms on ``x``."""
         return self.tuner.choose(layer, x, available(self.op, layer, tunable_only=True))
 
 

@@ -23,7 +23,7 @@ from ._common import finish, operands, out_size
 # ---------------------------------------------------------------------------------------- algorithms
 def torch_conv(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """PyTorch's own convolution (oneDNN on CPU, cuDNN on CUDA): the passthrough and the reference."""
-    return layer._conv_forward(x, weight, bias)
+    return layer._conv_forward(x, weight, bias)  # noqa: SLF001 - torch's own conv, with explicit weights
 
 
 def direct(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -136,6 +136,7 @@ class SpikingLayer(nn.Module):
         self.synapse, self.neuron, self.recurrent = synapse, neuron, recurrent
 
     def init_state(self, batch: int, like: Tensor) -> _LayerState:
+        """Zero neuron state, input current and spikes for ``batch`` samples, like ``like``."""
         zero = like.new_zeros(batch, self.neuron.size)
         return _LayerState(self.neuron.init_state(batch, like), zero, zero)
 
@@ -233,6 +234,7 @@ class SpikingNetwork(nn.Module):
         return [layer.neuron.sur for layer in self.layers if layer.neuron.spiking]
 
     def forward(self, x: Tensor) -> Tensor:
+        """Readout of input spikes ``x`` (time, batch, features): fine-step values, coarse-grid gradients."""
         k = self.grid.fine_per_coarse
         if x.dim() != 3 or x.shape[0] % k:
             raise ValueError(
