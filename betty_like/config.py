@@ -7,6 +7,7 @@ not a thousand steps into training.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .backends.registry import Policy, check_config_policy
@@ -127,7 +128,12 @@ class ProblemConfig:
             self.on_nonfinite,
             f"choose one of {list(NONFINITE_POLICIES)}",
         )
-        _require(isinstance(self.backends, dict), owner, "backends", self.backends, 'use a dict op -> policy, e.g. {"conv2d": "auto"}')
+        _require(isinstance(self.backends, Mapping), owner, "backends", self.backends, 'use a dict op -> policy, e.g. {"conv2d": "auto"}')
+        # plain containers, so a mapping or list from a config system (OmegaConf) behaves like a dict or list
+        self.backends = {
+            op: list(policy) if isinstance(policy, Sequence) and not isinstance(policy, str) else policy
+            for op, policy in self.backends.items()
+        }
         for op, policy in self.backends.items():
             try:
                 check_config_policy(op, policy)
