@@ -67,7 +67,8 @@ def test_a_killed_worker_ends_the_run_fast_naming_it_with_the_losses_so_far(sync
         for cols in schedule[:applied]:
             sequential.step(cols)
         torch.testing.assert_close(trainer.C, sequential.C, rtol=0, atol=1e-12)
-        torch.testing.assert_close(trainer.P, sequential.P, rtol=0, atol=1e-12)
+        # P rows of an update cut off mid-write are recomputed as P0 + C K: equal up to rounding
+        torch.testing.assert_close(trainer.P, sequential.P, rtol=0, atol=1e-10)
     else:  # Hogwild: racing writes are its contract (P may be off P0 + C K); the state is usable and trained
         assert torch.isfinite(trainer.P).all() and torch.isfinite(trainer.C).all()
         assert trainer.full_loss().item() < make().full_loss().item()

@@ -16,8 +16,9 @@ traceback and the updates applied so far, and carries the losses recorded so far
 (`error.result`). The trainer is left consistent:
 
 - synchronous mode: every applied update is whole. Each update is written under the lock after its
-  old entries are saved in a shared journal; an update interrupted by the death is rolled back, so
-  C and P hold exactly the `applied.sum()` updates (with staleness 0, the first that many steps of
+  old C entries are saved in a shared journal; an update interrupted by the death is rolled back
+  (C restored, the rows of P it touched recomputed as P0 + C K), so C and P hold exactly the
+  `applied.sum()` updates (with staleness 0, the first that many steps of
   sequential SGD on the schedule).
 - Hogwild mode: the survivors are asked to stop at their next step and finish the update they are
   writing; the state holds every update they applied plus, possibly, part of the dead worker's last
@@ -90,55 +91,49 @@ class _Shared:
 
 @dataclass(frozen=True)
 class _Journal:
-    """The entries an update in flight will overwrite (synchronous mode), to roll it back if its writer dies.
+    """The update in flight and the C entries it overwrites (synchronous mode), to roll it back if its writer dies.
 
-    `state[0]` = 1 while an update is being written, `state[1]` = its number of (row, col) pairs,
-    `state[2]` = its number of P rows, `state[3]` = the writer's rank, `state[4]` = the writer's
-    applied count before it; rows and pairs are at most m * S.
+    `state[0]` = 1 while an update is being written, `state[1]` = its number of (row, col) pairs
+    (at most m * S, rows may repeat), `state[2]` = the writer's rank, `state[3]` = the writer's
+    applied count before it. P is not copied (that doubled a step's cost): the rows the update
+    touched are recomputed from the restored C on roll-back, P = P0 + C K, equal up to rounding.
     """
 
     state: Tensor
     pair_rows: Tensor
     pair_cols: Tensor
     c_values: Tensor
-    p_rows: Tensor
-    p_values: Tensor
 
     @classmethod
     def allocate(cls, P: Tensor, C: Tensor, batch: int) -> _Journal:
-        m, n = P.shape
-        pairs = m * batch
+        pairs = P.shape[0] * batch
         return cls(
-            state=torch.zeros(5, dtype=torch.long).share_memory_(),
+            state=torch.zeros(4, dtype=torch.long).share_memory_(),
             pair_rows=torch.zeros(pairs, dtype=torch.long).share_memory_(),
             pair_cols=torch.zeros(pairs, dtype=torch.long).share_memory_(),
             c_values=torch.zeros(pairs, dtype=C.dtype).share_memory_(),
-            p_rows=torch.zeros(m, dtype=torch.long).share_memory_(),
-            p_values=torch.zeros(m, n, dtype=P.dtype).share_memory_(),
         )
 
     def write(self, s: _Shared, update: Update, rank: int) -> None:
         """Apply `update` and count it, so that a death at any instant can be undone by `roll_back`."""
-        rows = torch.unique(update.rows)
-        pairs = torch.unique(update.rows * s.C.shape[1] + update.cols)
-        pr, pc = pairs // s.C.shape[1], pairs % s.C.shape[1]
-        k, r = pairs.numel(), rows.numel()
-        self.pair_rows[:k], self.pair_cols[:k], self.c_values[:k] = pr, pc, s.C[pr, pc]
-        self.p_rows[:r], self.p_values[:r] = rows, s.P[rows]
-        self.state[1], self.state[2], self.state[3], self.state[4] = k, r, rank, s.applied[rank]
+        k = update.rows.numel()
+        self.pair_rows[:k], self.pair_cols[:k] = update.rows, update.cols
+        self.c_values[:k] = s.C[update.rows, update.cols]
+        self.state[1:] = torch.tensor([k, rank, int(s.applied[rank])])
         self.state[0] = 1  # journal complete: from here on, a death is rolled back
         apply_update(s.P, s.C, s.K, update)
         s.applied[rank] += 1
         self.state[0] = 0
 
-    def roll_back(self, s: _Shared) -> bool:
-        """Undo a half-written update, if any; whether there was one."""
+    def roll_back(self, s: _Shared, P0: Tensor) -> bool:
+        """Undo a half-written update, if any (``P0``: P before the run); whether there was one."""
         if int(self.state[0]) == 0:
             return False
-        k, r = int(self.state[1]), int(self.state[2])
-        s.C[self.pair_rows[:k], self.pair_cols[:k]] = self.c_values[:k]
-        s.P[self.p_rows[:r]] = self.p_values[:r]
-        s.applied[int(self.state[3])] = self.state[4]
+        k = int(self.state[1])
+        rows = self.pair_rows[:k]
+        s.C[rows, self.pair_cols[:k]] = self.c_values[:k]  # duplicates restore the same old value
+        s.P[rows] = P0[rows] + s.C[rows] @ s.K
+        s.applied[int(self.state[2])] = self.state[3]
         self.state[0] = 0
         return True
 
@@ -253,6 +248,7 @@ def async_sgd(
         ends=torch.zeros(workers, dtype=torch.float64).share_memory_(),
         journal=_Journal.allocate(trainer.P, trainer.C, schedule.shape[1]) if synchronous else None,
     )
+    P0 = trainer.P.clone() if synchronous else None  # to recompute the rows of an interrupted update
     turn, cond, errors = ctx.Value("q", 0), ctx.Condition(), ctx.Queue()
     control = (ctx.Value("i", 0), ctx.Value("b", 0, lock=False), ctx.Value("b", 0, lock=False))
     args = (workers, shared, trainer.shift, trainer.lr, staleness, synchronous, timeout, turn, cond, control, errors)
@@ -267,7 +263,7 @@ def async_sgd(
         _watch(procs, errors, lambda: False, timeout, "the run")
     except _Failure as failure:
         _stop(procs, control[2])
-        rolled = shared.journal.roll_back(shared) if shared.journal is not None else False
+        rolled = shared.journal.roll_back(shared, P0) if shared.journal is not None else False
         result = AsyncResult(shared.losses.clone(), shared.applied.clone(), time.monotonic() - began)
         raise failure.error(result, rolled, synchronous) from None
     finally:
