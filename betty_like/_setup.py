@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ._data import BatchStream
-from .backends.registry import swap
+from .backends.registry import check_policy, first_order_only_layers, swap
 from .graph import Graph
 from .hypergrad import Method, get_method
 from .optim import FunctionalOptimizer, Params
@@ -49,8 +49,7 @@ def set_up(p: Problem, graph: Graph, problems: dict[str, Problem], device: torch
         )
     if device is not None:
         p.module.to(device)
-    if p.config.backend is not None:  # same parameter objects after the swap: the checks below still hold
-        swap(p.module, p.config.backend, prefix=f"{p.name}.")
+    _swap_backends(p)  # same parameter objects after the swap: the checks below still hold
     by_id = {id(t): f"{p.name}.{n}" for n, t in p.module.named_parameters()}
     leaves: Params = {}
     for group in p.optimizer.param_groups:
@@ -84,6 +83,16 @@ def set_up(p: Problem, graph: Graph, problems: dict[str, Problem], device: torch
     return Setup(p, method, leaves, functional, unrolls, p.config.unroll_steps * patience, stream)
 
 
+def _swap_backends(p: Problem) -> None:
+    """Swap the problem's operator policies into its module; a wrong algorithm name fails here, before step one."""
+    for op, policy in p.config.backends.items():
+        try:
+            check_policy(op, policy)  # imports the op's backend, which registers its algorithms
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"problem {p.name!r}: ProblemConfig.backends[{op!r}]={policy!r} is invalid: {error}") from None
+        swap(p.module, policy, op=op, prefix=f"{p.name}.")
+
+
 def _check_method(p: Problem, method: Method, graph: Graph, problems: dict[str, Problem]) -> None:
     """``method`` can carry the gradients of the problems above ``p`` through its solution."""
     if method.optimizers is not None and type(p.optimizer) not in method.optimizers:
@@ -92,8 +101,8 @@ def _check_method(p: Problem, method: Method, graph: Graph, problems: dict[str, 
             f"{[c.__name__ for c in method.optimizers]}, but its optimizer is {type(p.optimizer).__name__}: "
             "use one of them, or hypergrad='darts'"
         )
-    if method.second_order:
-        first_order_only = sorted({type(m).__name__ for m in p.module.modules() if getattr(m, "first_order_only", False)})
+    if method.second_order:  # the method's own flag, read with the layers' FirstOrderOnly capability
+        first_order_only = first_order_only_layers(p.module)
         if first_order_only:
             raise ValueError(
                 f"problem {p.name!r} uses hypergrad={method.name!r}, which needs second derivatives through its "

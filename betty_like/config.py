@@ -7,10 +7,10 @@ not a thousand steps into training.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
-from .backends.registry import check_policy
+from .backends.registry import Policy, check_config_policy
 from .hypergrad import METHODS
 
 NESTED_RULES = ("total", "partial")
@@ -68,12 +68,15 @@ class ProblemConfig:
         warmup_steps: initial steps of this problem that do not count towards its upper problems.
         grad_clip: clip this problem's gradient to this global norm before stepping (``None`` = off).
         on_nonfinite: ``raise`` on a NaN/inf loss, or ``skip`` the step (counted in ``engine.skipped``).
-        backend: convolution policy swapped into this problem's module when the engine is built
-            (:func:`betty_like.backends.registry.swap`): an algorithm name for every ``Conv2d``, a list
-            of names by layer order, a callable ``f(layer, input_shape)`` or ``"auto"``; ``None`` = torch's own.
+        backends: operator policies swapped into this problem's module when the engine is built, per
+            op (:func:`betty_like.backends.registry.swap`), e.g. ``{"conv2d": "auto"}``: an algorithm
+            name for every layer of the op, a list of names by layer order, a callable
+            ``f(layer, input_shape)`` or ``"auto"`` (timed). Ops not named keep torch's own layers.
+            Construction checks the op names and the policies' form without importing any backend;
+            algorithm names are checked against the op's registry when the engine is built.
         execution: how this problem's plain (first-order) steps run: ``eager``; ``compiled``, with
             forward, backward and update captured once per batch shape and replayed
-            (:mod:`betty_like.backends.compiled`); or ``auto``, which times both on the first steps
+            (:mod:`betty_like.execution`); or ``auto``, which times both on the first steps
             and keeps the faster. Steps that take a hypergradient or keep a graph for one stay eager.
     """
 
@@ -92,7 +95,7 @@ class ProblemConfig:
     warmup_steps: int = 0
     grad_clip: float | None = None
     on_nonfinite: str = "raise"
-    backend: str | list[str] | Callable[..., str] | None = None
+    backends: dict[str, Policy] = field(default_factory=dict)
     execution: str = "eager"
 
     def __post_init__(self) -> None:
@@ -130,11 +133,17 @@ class ProblemConfig:
             self.on_nonfinite,
             f"choose one of {list(NONFINITE_POLICIES)}",
         )
-        if self.backend is not None:
+        _require(isinstance(self.backends, Mapping), owner, "backends", self.backends, 'use a dict op -> policy, e.g. {"conv2d": "auto"}')
+        # plain containers, so a mapping or list from a config system (OmegaConf) behaves like a dict or list
+        self.backends = {
+            op: list(policy) if isinstance(policy, Sequence) and not isinstance(policy, str) else policy
+            for op, policy in self.backends.items()
+        }
+        for op, policy in self.backends.items():
             try:
-                check_policy("conv2d", self.backend)
+                check_config_policy(op, policy)
             except (TypeError, ValueError) as error:
-                raise ValueError(f"{owner}.backend={self.backend!r} is invalid: {error}") from None
+                raise ValueError(f"{owner}.backends[{op!r}]={policy!r} is invalid: {error}") from None
         _require(
             self.execution in EXECUTIONS,
             owner,

@@ -33,7 +33,7 @@ def _train(backend: str | None, execution: str) -> torch.Tensor:
         module=net,
         optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
         data=batches,
-        config=ProblemConfig(backend=backend, execution=execution),
+        config=ProblemConfig(backends={"conv2d": backend} if backend is not None else {}, execution=execution),
     )
     Engine([problem], config=EngineConfig(train_iters=6)).run()
     return torch.cat([p.detach().flatten() for p in net.parameters()])

@@ -9,7 +9,6 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from betty_like import Engine, EngineConfig, Problem, ProblemConfig
-from betty_like.backends import _conv_ai3
 from betty_like.backends.conv import AlgorithmConv2d, ConvTuner, available, choice_table, choices, swap
 from betty_like.backends.registry import algorithm, register
 
@@ -274,7 +273,7 @@ def test_unreadable_cache_is_ignored_and_rewritten(tmp_path, caplog):
     assert len(json.loads(path.read_text())["entries"]) == 1
 
 
-@pytest.mark.skipif(_conv_ai3.load() is None, reason="the optional aithree package is not installed")
+@pytest.mark.skipif("ai3_direct" not in available("conv2d"), reason="the optional aithree package is not installed")
 @pytest.mark.parametrize("name", ["ai3_direct", "ai3_smm"])
 def test_ai3_candidates_are_guarded_and_differentiable_twice(name):
     conv = _conv(SHAPES[2])
@@ -325,7 +324,7 @@ def _hypergradient(digits, backend, method):
     train, valid = digits
     inner = Classifier(
         "classifier", module=cnn, optimizer=torch.optim.SGD(cnn.parameters(), lr=0.1, momentum=0.9), data=[train],
-        config=ProblemConfig(hypergrad=method, unroll_steps=2, backend=backend, iterations=20),
+        config=ProblemConfig(hypergrad=method, unroll_steps=2, backends={"conv2d": backend} if backend is not None else {}, iterations=20),
     )
     outer = Reweight("reweight", module=weights, optimizer=torch.optim.SGD(weights.parameters(), lr=0.1), data=[valid])
     engine = Engine([outer, inner], {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}}, EngineConfig(train_iters=4))

@@ -14,16 +14,21 @@ A policy picks an algorithm per layer, in the forms ai3 introduced plus timing:
 - a callable ``f(layer, input_shape) -> name``, asked once per distinct input shape;
 - ``"auto"``: the op's tuner times the candidates on the first real input of each shape.
 
-The built-in ops register themselves when first used (``conv2d`` in :mod:`betty_like.backends.conv`).
+The built-in ops register themselves when first used (``conv2d`` in :mod:`betty_like.backends.conv`);
+this module imports none of them, so configs can check an op's name and a policy's form for free
+(:func:`check_config_policy`). What an op needs of its inputs (the key a per-input choice is
+remembered under) is the op's own business: ``define_op(..., input_key=...)``.
+
+The contract every backend follows is written in ``docs/backends/index.md``.
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +37,9 @@ Supports = Callable[[nn.Module], str | None]
 """``supports(layer)`` returns None when an algorithm applies to ``layer``, else the reason it does not."""
 
 Policy = str | Sequence[str] | Callable[[nn.Module, tuple[int, ...]], str]
+
+InputKey = Callable[[Tensor], tuple[Hashable, str]]
+"""``input_key(x) -> (key, shown)``: what a per-input choice depends on, and how to show it in tables."""
 
 AUTO = "auto"
 _BUILTIN_OPS = {"conv2d": "betty_like.backends.conv"}
@@ -58,15 +66,43 @@ class Algorithm:
 class Selector(Protocol):
     """Picks an algorithm name for one layer and one input; ``choices()`` lists what it picked."""
 
-    def choose(self, layer: nn.Module, x: Tensor) -> str: ...
+    def choose(self, layer: nn.Module, x: Tensor) -> str:
+        """The algorithm name for ``layer`` on input ``x``."""
+        ...
 
-    def choices(self) -> list[tuple[str, str, str]]: ...
+    def choices(self) -> list[tuple[str, str, str]]:
+        """``(input, algorithm, why)`` for every decision so far."""
+        ...
+
+
+@runtime_checkable
+class FirstOrderOnly(Protocol):
+    """A layer that declares whether it supports double backward (the backend contract's capability).
+
+    A backend layer whose backward is not itself differentiable sets ``first_order_only`` to True
+    (it may depend on the layer's configuration). The engine reads it through this Protocol, together
+    with the hypergradient method's own ``second_order`` flag, and refuses a method that needs second
+    derivatives before the first step. Layers that do not carry the attribute are taken to support
+    double backward, as every torch op a hypergradient passes through must.
+    """
+
+    @property
+    def first_order_only(self) -> bool:
+        """Whether this layer's backward has no usable derivative of its own."""
+        ...
+
+
+def first_order_only_layers(module: nn.Module) -> list[str]:
+    """Sorted type names of the layers in ``module`` that declare first-order-only gradients."""
+    return sorted({type(m).__name__ for m in module.modules() if isinstance(m, FirstOrderOnly) and m.first_order_only})
 
 
 class Tuner(Protocol):
     """Times candidates for an op and remembers the choice (``"auto"``)."""
 
-    def choose(self, layer: nn.Module, x: Tensor, candidates: list[str]) -> tuple[str, str]: ...
+    def choose(self, layer: nn.Module, x: Tensor, candidates: list[str]) -> tuple[str, str]:
+        """The fastest of ``candidates`` for ``layer`` on inputs like ``x``, and a note with the timings."""
+        ...
 
 
 @dataclass
@@ -75,6 +111,7 @@ class _Op:
     wrapper_type: type[nn.Module]
     wrap: Callable[[nn.Module, Selector, str], nn.Module]
     default_tuner: Callable[[], Tuner]
+    input_key: InputKey
     algorithms: dict[str, Algorithm] = field(default_factory=dict)
 
 
@@ -87,12 +124,26 @@ def define_op(
     wrapper_type: type[nn.Module],
     wrap: Callable[[nn.Module, Selector, str], nn.Module],
     default_tuner: Callable[[], Tuner],
+    *,
+    input_key: InputKey | None = None,
 ) -> None:
     """Declare an op: the layer type it replaces, the wrapper built by ``wrap(layer, selector, label)``
-    (a subclass of ``layer_type`` that ``swap`` may re-swap) and the tuner ``"auto"`` uses by default."""
+    (a subclass of ``layer_type`` that ``swap`` may re-swap), the tuner ``"auto"`` uses by default and
+    the key per-input choices are remembered under (default: shape, dtype, device and grad mode)."""
     if op in _OPS:
         raise ValueError(f"op {op!r} is already defined")
-    _OPS[op] = _Op(layer_type, wrapper_type, wrap, default_tuner)
+    _OPS[op] = _Op(layer_type, wrapper_type, wrap, default_tuner, input_key or default_input_key)
+
+
+def default_input_key(x: Tensor) -> tuple[Hashable, str]:
+    """Shape, dtype, device and whether gradients are wanted: what most ops' speed depends on."""
+    key = (tuple(x.shape), x.dtype, x.device, torch.is_grad_enabled())
+    return key, f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')} {x.device}"
+
+
+def known_ops() -> list[str]:
+    """The ops defined so far and the built-in ones, without importing any backend."""
+    return sorted(set(_OPS) | set(_BUILTIN_OPS))
 
 
 def _op(op: str) -> _Op:
@@ -143,21 +194,35 @@ def available(op: str, layer: nn.Module | None = None, *, tunable_only: bool = F
     ]
 
 
+def check_config_policy(op: Any, policy: Any) -> None:
+    """Check an op's name and a policy's form without importing any backend (used by configs).
+
+    Algorithm names are checked against the op's registry when the engine swaps the problem's
+    module, before the first step; here only what needs no backend is checked.
+    """
+    if op not in known_ops():
+        raise ValueError(f"unknown op {op!r}: choose one of {known_ops()}")
+    _check_form(op, policy)
+
+
+def _check_form(op: str, policy: Any) -> list[str]:
+    """The names a policy mentions (empty for a callable); TypeError when its form is wrong."""
+    if isinstance(policy, str):
+        return [policy]
+    if isinstance(policy, (list, tuple)) and all(isinstance(entry, str) for entry in policy):
+        return list(policy)
+    if callable(policy):
+        return []
+    raise TypeError(
+        f"a {op} policy is a name, a list of names, a callable f(layer, input_shape) or {AUTO!r}; "
+        f"got {policy!r}"
+    )
+
+
 def check_policy(op: str, policy: Any) -> None:
     """Reject a policy whose form or names are wrong before any module is seen (used by configs)."""
     names = [*_op(op).algorithms, AUTO]
-    if isinstance(policy, str):
-        entries = [policy]
-    elif isinstance(policy, (list, tuple)):
-        entries = list(policy)
-    elif callable(policy):
-        return
-    else:
-        raise TypeError(
-            f"a {op} policy is a name, a list of names, a callable f(layer, input_shape) or {AUTO!r}; "
-            f"got {type(policy).__name__}"
-        )
-    for entry in entries:
+    for entry in _check_form(op, policy):
         if entry not in names:
             raise ValueError(f"unknown {op} algorithm {entry!r} in policy {policy!r}: choose from {names}")
 
@@ -187,25 +252,12 @@ class Fixed:
         self.name = name
 
     def choose(self, layer: nn.Module, x: Tensor) -> str:
+        """The policy's name, whatever the input."""
         return self.name
 
     def choices(self) -> list[tuple[str, str, str]]:
+        """One row: every input gets the policy's name."""
         return [("any", self.name, "fixed by the policy")]
-
-
-def is_channels_last(t: Tensor) -> bool:
-    """Whether a 4-D tensor is laid out channels-last (and not also plainly contiguous)."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes in on ``device_type`` right now, or None when autocast is off."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
-def _input_key(x: Tensor) -> tuple[Any, ...]:
-    """What a per-input choice depends on: shape, dtype, device, layout, autocast and whether gradients are wanted."""
-    return (tuple(x.shape), x.dtype, x.device, is_channels_last(x), torch.is_grad_enabled(), autocast_dtype(x.device.type))
 
 
 class _PerInput(ABC):
@@ -215,23 +267,22 @@ class _PerInput(ABC):
     label: str
 
     def __init__(self) -> None:
-        self.memo: dict[tuple[Any, ...], tuple[str, str]] = {}
+        self.memo: dict[Hashable, tuple[str, str, str]] = {}
 
     def choose(self, layer: nn.Module, x: Tensor) -> str:
-        key = _input_key(x)
+        """The remembered decision for inputs like ``x``, deciding on the first one."""
+        key, shown = _op(self.op).input_key(x)
         if key not in self.memo:
-            self.memo[key] = self.decide(layer, x)
-        return self.memo[key][0]
+            self.memo[key] = (shown, *self.decide(layer, x))
+        return self.memo[key][1]
 
     @abstractmethod
     def decide(self, layer: nn.Module, x: Tensor) -> tuple[str, str]:
         """The algorithm for ``layer`` on inputs like ``x``, and a note saying why."""
 
     def choices(self) -> list[tuple[str, str, str]]:
-        return [
-            (f"{list(shape)} {str(dtype).removeprefix('torch.')} {device}{' channels_last' if cl else ''}", name, note)
-            for (shape, dtype, device, cl, _, _), (name, note) in self.memo.items()
-        ]
+        """``(input, algorithm, why)`` per input key seen so far."""
+        return list(self.memo.values())
 
 
 class ByShape(_PerInput):
@@ -242,6 +293,7 @@ class ByShape(_PerInput):
         self.op, self.label, self.fn = op, label, fn
 
     def decide(self, layer: nn.Module, x: Tensor) -> tuple[str, str]:
+        """Ask the callable once for this input shape and check its answer against the layer."""
         origin = f"the policy callable for input shape {tuple(x.shape)}"
         return _validated(self.op, layer, self.label, self.fn(layer, tuple(x.shape)), origin), "policy callable"
 
@@ -254,11 +306,12 @@ class Auto(_PerInput):
         self.op, self.label, self.tuner = op, label, tuner
 
     def decide(self, layer: nn.Module, x: Tensor) -> tuple[str, str]:
+        """Let the tuner time the layer's tunable algorithms on ``x``."""
         return self.tuner.choose(layer, x, available(self.op, layer, tunable_only=True))
 
 
 # ---------------------------------------------------------------------------------------- swap
-def swap(module: nn.Module, policy: Policy, *, op: str = "conv2d", tuner: Tuner | None = None, prefix: str = "") -> nn.Module:
+def swap(module: nn.Module, policy: Policy, *, op: str, tuner: Tuner | None = None, prefix: str = "") -> nn.Module:
     """Replace every ``op`` layer of ``module`` in place by one running the algorithm ``policy`` picks.
 
     Parameters keep their identity and names, so optimizers and ``state_dict``/``load_state_dict``

@@ -9,13 +9,14 @@ the number of active neurons rather than with m. `async_sgd` runs the same steps
 synchronous mode that loses no update. See docs/backends/kron.md.
 """
 
-from ._kron_async import AsyncResult, async_sgd
-from ._kron_layer import KronData, KroneckerLinear
-from ._kron_search import MaskSearch, TreeSearch
-from ._kron_sgd import DenseTwoLayerSGD, KronTwoLayerSGD, StepResult, Update, default_shift
+from ._async import AsyncResult, AsyncWorkerError, async_sgd
+from ._layer import KronData, KroneckerLinear
+from ._search import MaskSearch, TreeSearch
+from ._sgd import DenseTwoLayerSGD, KronTwoLayerSGD, StepResult, Update, default_shift
 
 __all__ = [
     "AsyncResult",
+    "AsyncWorkerError",
     "DenseTwoLayerSGD",
     "KronData",
     "KronTwoLayerSGD",

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from ._spiking_surrogate import Surrogate, spike, surrogate
+from ._surrogate import Surrogate, spike, surrogate
 
 Tensor = torch.Tensor
 State = tuple[Tensor, ...]
@@ -217,7 +217,11 @@ class Readout(nn.Module):
         return (like.new_zeros(batch, self.size),)
 
     def step(self, state: State, drive: Tensor, dt: float, noise: bool = True) -> tuple[State, Tensor]:
-        """One step; the output is the membrane itself."""
+        """One step; the output is the membrane itself.
+
+        ``noise`` is accepted for the neurons' common ``step`` signature and has no effect: the readout
+        is an ideal integrator (device noise is modelled in the spiking layers it reads).
+        """
         u = torch.exp(-dt / self.log_tau.exp()) * state[0] + drive
         return (u,), u
 

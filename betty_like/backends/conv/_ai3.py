@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._conv_algorithms import _finish, _operands, _out_size
+from ._common import finish, operands, out_size
 
 ALGORITHMS = ("direct", "smm")
 
@@ -74,9 +74,9 @@ def make(raw: Callable, name: str) -> Callable[[nn.Conv2d, Tensor, Tensor, Tenso
         return out.clone()  # ai3 returns a view of its own buffer
 
     def impl(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        xp, w, b, out_dtype = _operands(layer, x, weight, bias)
-        _out_size(layer, xp)
+        xp, w, b, out_dtype = operands(layer, x, weight, bias)
+        out_size(layer, xp)
         y = _Ai3Conv.apply(xp, w, b, tuple(layer.stride), tuple(layer.dilation), run)
-        return _finish(y, None, x, weight, out_dtype)
+        return finish(y, None, x, weight, out_dtype)
 
     return impl

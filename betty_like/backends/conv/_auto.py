@@ -14,24 +14,36 @@ The defaults (10%, 0.1 ms) are twice the run-to-run noise measured on a shared 2
 
 Choices live in memory and in a JSON file (default ``$BETTY_LIKE_CACHE_DIR/conv_auto.json``, else
 ``$XDG_CACHE_HOME/betty_like/`` or ``~/.cache/betty_like/``), written atomically, so the next run
-skips the search.
+skips the search. The file only saves re-timing, so it can never stop training: a read or write
+fault (unwritable directory, a file where a directory should be or the reverse, corrupt JSON) is
+logged once with the path and the choices stay in memory; an entry read from the file is used only
+if its choice is one of this layer's candidates (else it is timed again and the file is named);
+writers merge under an exclusive lock on ``<file>.lock``, so processes sharing a cache lose nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: writers are atomic but not serialized
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from torch import Tensor, nn
 
-from .registry import algorithm, autocast_dtype, is_channels_last
+from ..registry import algorithm
+from ._common import autocast_dtype, is_channels_last
 
 log = logging.getLogger("betty_like")
 _FORMAT = 1
@@ -103,12 +115,15 @@ class ConvTuner:
         self.min_saving_ms = min_saving_ms
         self.entries: dict[str, dict[str, Any]] | None = None
         self.searches = 0  # how many keys were timed (not found in memory or the file)
+        self.faults: list[str] = []  # cache faults met so far, each logged once
 
     def choose(self, layer: nn.Module, x: Tensor, candidates: list[str]) -> tuple[str, str]:
         """The algorithm for ``layer`` on inputs like ``x``, and a note with the timings it rests on."""
         train = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
         key = tuning_key(layer, x, train, candidates)
         entries = self._entries()
+        if key in entries and not self._valid(entries[key], candidates, layer):
+            del entries[key]
         if key not in entries:
             self.searches += 1
             times, pruned = self._time(layer, x, train, candidates)
@@ -119,6 +134,31 @@ class ConvTuner:
         timings = ", ".join(f"{n} {t:.3g}" for n, t in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
         pruned = "".join(f", {n} pruned ({t:.3g} probe)" for n, t in entry.get("pruned_probe_ms", {}).items())
         return entry["choice"], f"auto ({'fwd+bwd' if train else 'fwd'} ms: {timings}{pruned})"
+
+    def _valid(self, entry: Any, candidates: list[str], layer: nn.Module) -> bool:
+        """Whether a cached entry can be used for ``layer``: a known candidate and well-formed timings."""
+        ok = (
+            isinstance(entry, dict)
+            and entry.get("choice") in candidates
+            and isinstance(entry.get("ms"), dict)
+            and all(isinstance(t, (int, float)) for t in entry["ms"].values())
+            and isinstance(entry.get("pruned_probe_ms", {}), dict)
+        )
+        if not ok:
+            choice = entry.get("choice") if isinstance(entry, dict) else entry
+            self._fault(
+                f"conv2d auto: cache {self.path} holds {choice!r} for layer ({layer.extra_repr()}), which is not one "
+                f"of its candidates {candidates} or is malformed; timing it again",
+                once=False,
+            )
+        return ok
+
+    def _fault(self, message: str, *, once: bool = True) -> None:
+        """Log a cache fault (once per distinct message when ``once``): the cache only saves re-timing."""
+        if once and message in self.faults:
+            return
+        self.faults.append(message)
+        log.warning("%s", message)
 
     def _pick(self, times: dict[str, float]) -> str:
         best = min(times, key=times.__getitem__)
@@ -185,26 +225,47 @@ class ConvTuner:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as error:
-            log.warning("conv2d auto: ignoring unreadable cache %s (%s); choices will be timed again", self.path, error)
+            self._fault(f"conv2d auto: ignoring unreadable cache {self.path} ({error}); choices will be timed again")
             return {}
         if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("entries"), dict):
-            log.warning("conv2d auto: ignoring cache %s written in another format", self.path)
+            self._fault(f"conv2d auto: ignoring cache {self.path} written in another format")
             return {}
         return data["entries"]
 
     def _save(self, key: str, entry: dict[str, Any]) -> None:
-        """Merge one entry into the file (re-read first, so concurrent runs add rather than overwrite)."""
-        entries = self._read()
-        entries[key] = entry
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        """Merge one entry into the file under the lock; a fault is logged once and the choice stays in memory."""
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": _FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._locked():
+                entries = self._read()
+                entries[key] = entry
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump({"format": _FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    os.unlink(tmp)
+                    raise
+        except OSError as error:
+            self.persist = False  # one fault is enough to know: later choices stay in memory without retrying
+            self._fault(
+                f"conv2d auto: cannot write the cache {self.path} ({error}); choices are kept in memory for this "
+                "run only (set BETTY_LIKE_CACHE_DIR to a writable directory to keep them)"
+            )
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold an exclusive lock on ``<file>.lock`` so concurrent writers' read-merge-replace do not interleave."""
+        if fcntl is None:
+            yield
+            return
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def _no_sync() -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ._conv_algorithms import torch_conv
+from ._algorithms import torch_conv
 
 Impl = Callable[[nn.Conv2d, Tensor, Tensor, Tensor | None], Tensor]
 

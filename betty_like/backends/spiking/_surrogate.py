@@ -16,11 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ...hypergrad import METHODS, get_method
+
 Tensor = torch.Tensor
 
 # Hypergradient methods (ProblemConfig.hypergrad) that differentiate through gradients and so need a
-# second derivative of every op on the path, spike surrogates included.
-SECOND_ORDER_METHODS = ("unroll", "neumann", "cg", "fixed_point")
+# second derivative of every op on the path, spike surrogates included: read from the method
+# registry's own ``second_order`` flags, the one source of truth (``first_order`` is among them: it
+# drops only the Hessian in the lower parameters, not the mixed second derivative).
+SECOND_ORDER_METHODS = tuple(name for name, method in METHODS.items() if method.second_order)
 
 
 def _fast_sigmoid(x: Tensor, slope: Tensor | float) -> Tensor:
@@ -94,11 +98,12 @@ def check_hypergrad_support(sur: Surrogate, method: str) -> None:
     Call it when wiring a spiking problem into an engine; ``method`` is the lower problem's
     ``ProblemConfig.hypergrad``.
     """
-    if method in SECOND_ORDER_METHODS and not sur.second_order:
+    if get_method(method).second_order and not sur.second_order:
+        safe = [name for name, m in METHODS.items() if not m.second_order]
         raise ValueError(
             f"hypergrad={method!r} differentiates through gradients, but the {sur.name!r} surrogate has no "
             f"usable second derivative: use a surrogate with second_order=True (fast_sigmoid, arctan, "
-            f"triangle) or a first-order method (first_order, darts, sama)"
+            f"triangle) or a first-order method, one that needs no second derivatives ({', '.join(safe)})"
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .registry import Selector, algorithm
+from ..registry import Selector, algorithm
 
 # the per-module hook tables of nn.Module, shared with the replaced layer so its hooks keep firing
 _HOOK_TABLES = (

@@ -5,10 +5,7 @@ reads stride, padding, dilation, groups and padding mode from ``layer`` (an ``nn
 they are compositions of ordinary torch ops, autograd gives each one its backward and its double
 backward, which hypergradients through the model need.
 
-Shared conventions (:func:`_operands` and :func:`_finish`): padding of every mode is applied to the
-input first, so the algorithms only compute "valid" cross-correlations; half types (fp16, bf16) are
-computed in float32 and rounded once at the end; under autocast the output takes the autocast dtype,
-as torch's own convolution does; the output is channels-last when the input or weight is.
+Padding, dtypes and layout follow the conventions of :mod:`._common`.
 """
 
 from __future__ import annotations
@@ -20,71 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import autocast_dtype, is_channels_last
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _pads(layer: nn.Conv2d) -> tuple[int, int, int, int]:
-    """The layer's padding in ``F.pad`` order (left, right, top, bottom), ``"same"`` and ``"valid"`` included."""
-    if layer.padding == "valid":
-        return (0, 0, 0, 0)
-    if layer.padding == "same":
-        pads: list[int] = []
-        for d, k in zip(reversed(layer.dilation), reversed(layer.kernel_size), strict=True):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return tuple(pads)  # type: ignore[return-value]
-    ph, pw = layer.padding
-    return (pw, pw, ph, ph)
-
-
-def _operands(
-    layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor | None, torch.dtype]:
-    """Padded input, weight and bias in the compute dtype, and the dtype the output must have."""
-    out_dtype = autocast_dtype(x.device.type)
-    if out_dtype is None:
-        if x.dtype != weight.dtype:
-            raise TypeError(
-                f"conv2d: input is {x.dtype} but the weight is {weight.dtype}; cast the input or the layer to one dtype"
-            )
-        out_dtype = x.dtype
-    compute = torch.float32 if out_dtype in _HALF else out_dtype
-    x, weight = x.to(compute), weight.to(compute)
-    bias = bias.to(compute) if bias is not None else None
-    pads = _pads(layer)
-    if any(pads):
-        x = F.pad(x, pads, mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
-    return x, weight, bias, out_dtype
-
-
-def _out_size(layer: nn.Conv2d, xp: Tensor) -> tuple[int, int]:
-    sizes = []
-    for size, k, s, d in zip(xp.shape[2:], layer.kernel_size, layer.stride, layer.dilation, strict=True):
-        extent = d * (k - 1) + 1
-        if size < extent:
-            raise ValueError(
-                f"conv2d: padded input of spatial size {tuple(xp.shape[2:])} is smaller than the dilated kernel "
-                f"({layer.extra_repr()}); give a larger input or more padding"
-            )
-        sizes.append((size - extent) // s + 1)
-    return sizes[0], sizes[1]
-
-
-def _finish(y: Tensor, bias: Tensor | None, x: Tensor, weight: Tensor, out_dtype: torch.dtype) -> Tensor:
-    if bias is not None:
-        y = y + bias.view(1, -1, 1, 1)
-    y = y.to(out_dtype)
-    if is_channels_last(x) or is_channels_last(weight):
-        y = y.contiguous(memory_format=torch.channels_last)
-    return y
+from ._common import finish, operands, out_size
 
 
 # ---------------------------------------------------------------------------------------- algorithms
 def torch_conv(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """PyTorch's own convolution (oneDNN on CPU, cuDNN on CUDA): the passthrough and the reference."""
-    return layer._conv_forward(x, weight, bias)
+    return layer._conv_forward(x, weight, bias)  # noqa: SLF001 - torch's own conv, with explicit weights
 
 
 def direct(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -93,8 +32,8 @@ def direct(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> 
     Vectorised over batch, channels and output pixels, looping only over the kh*kw taps; the
     plainest formula, kept as a reference for tests rather than for speed.
     """
-    xp, w, b, out_dtype = _operands(layer, x, weight, bias)
-    ho, wo = _out_size(layer, xp)
+    xp, w, b, out_dtype = operands(layer, x, weight, bias)
+    ho, wo = out_size(layer, xp)
     n, c = xp.shape[:2]
     o, g = w.shape[0], layer.groups
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
@@ -106,7 +45,7 @@ def direct(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> 
             tap = xg[..., i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
             term = torch.einsum("ngchw,goc->ngohw", tap, wg[..., i, j])
             y = term if y is None else y + term
-    return _finish(y.reshape(n, o, ho, wo), b, x, weight, out_dtype)
+    return finish(y.reshape(n, o, ho, wo), b, x, weight, out_dtype)
 
 
 def im2col(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -114,14 +53,14 @@ def im2col(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> 
 
     Costs kh*kw times the input's memory for the unfolded matrix; its backward is ``fold``.
     """
-    xp, w, b, out_dtype = _operands(layer, x, weight, bias)
-    ho, wo = _out_size(layer, xp)
+    xp, w, b, out_dtype = operands(layer, x, weight, bias)
+    ho, wo = out_size(layer, xp)
     n, c = xp.shape[:2]
     o, g = w.shape[0], layer.groups
     cols = F.unfold(xp, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
     cols = cols.reshape(n, g, cols.shape[1] // g, cols.shape[2])
     y = torch.matmul(w.reshape(g, o // g, -1), cols)
-    return _finish(y.reshape(n, o, ho, wo), b, x, weight, out_dtype)
+    return finish(y.reshape(n, o, ho, wo), b, x, weight, out_dtype)
 
 
 @lru_cache(maxsize=16)
@@ -145,8 +84,8 @@ def winograd(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -
     Y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A per tile, the elementwise products summed over input channels as
     16 batched matmuls. The transforms add rounding error (a few times direct's in float32).
     """
-    xp, w, b, out_dtype = _operands(layer, x, weight, bias)
-    ho, wo = _out_size(layer, xp)
+    xp, w, b, out_dtype = operands(layer, x, weight, bias)
+    ho, wo = out_size(layer, xp)
     n, c = xp.shape[:2]
     o, g = w.shape[0], layer.groups
     th, tw = math.ceil(ho / 2), math.ceil(wo / 2)
@@ -159,7 +98,7 @@ def winograd(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -
     u = u.reshape(g, o // g, c // g, 16).permute(3, 0, 1, 2)
     m = (u @ v).reshape(4, 4, o, n, th, tw).permute(3, 2, 4, 5, 0, 1)  # (n, o, th, tw, 4, 4)
     y = (at @ m @ at.T).permute(0, 1, 2, 4, 3, 5).reshape(n, o, 2 * th, 2 * tw)
-    return _finish(y[:, :, :ho, :wo], b, x, weight, out_dtype)
+    return finish(y[:, :, :ho, :wo], b, x, weight, out_dtype)
 
 
 def fft(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -169,8 +108,8 @@ def fft(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Ten
     are cropped away. Dilation inserts zeros in the kernel; stride keeps every ``stride``-th output
     (correct, but wasteful, so ``auto`` will rarely pick it there).
     """
-    xp, w, b, out_dtype = _operands(layer, x, weight, bias)
-    ho, wo = _out_size(layer, xp)
+    xp, w, b, out_dtype = operands(layer, x, weight, bias)
+    ho, wo = out_size(layer, xp)
     n, c, h, wd = xp.shape
     o, g = w.shape[0], layer.groups
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
@@ -182,4 +121,4 @@ def fft(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Ten
     wf = torch.fft.rfft2(w, s=(h, wd)).reshape(g, o // g, c // g, h, -1)
     yf = torch.einsum("ngchw,gochw->ngohw", xf, wf.conj()).reshape(n, o, h, -1)
     y = torch.fft.irfft2(yf, s=(h, wd))
-    return _finish(y[:, :, : sh * (ho - 1) + 1 : sh, : sw * (wo - 1) + 1 : sw], b, x, weight, out_dtype)
+    return finish(y[:, :, : sh * (ho - 1) + 1 : sh, : sw * (wo - 1) + 1 : sw], b, x, weight, out_dtype)

@@ -32,16 +32,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._spiking_memory import SavedTensorMeter
-from ._spiking_neurons import LIF, NEURONS, FeLIF, Neuron, Readout, State
-from ._spiking_surrogate import (
+from ._memory import SavedTensorMeter
+from ._neurons import LIF, NEURONS, FeLIF, Neuron, Readout, State
+from ._surrogate import (
     SECOND_ORDER_METHODS,
     Surrogate,
     check_hypergrad_support,
     spike,
     surrogate,
 )
-from ._spiking_synapse import QuantizedLinear, quantize
+from ._synapse import QuantizedLinear, quantize
 
 Tensor = torch.Tensor
 REDUCTIONS = ("count", "mean", "last")
@@ -136,6 +136,7 @@ class SpikingLayer(nn.Module):
         self.synapse, self.neuron, self.recurrent = synapse, neuron, recurrent
 
     def init_state(self, batch: int, like: Tensor) -> _LayerState:
+        """Zero neuron state, input current and spikes for ``batch`` samples, like ``like``."""
         zero = like.new_zeros(batch, self.neuron.size)
         return _LayerState(self.neuron.init_state(batch, like), zero, zero)
 
@@ -233,6 +234,7 @@ class SpikingNetwork(nn.Module):
         return [layer.neuron.sur for layer in self.layers if layer.neuron.spiking]
 
     def forward(self, x: Tensor) -> Tensor:
+        """Readout of input spikes ``x`` (time, batch, features): fine-step values, coarse-grid gradients."""
         k = self.grid.fine_per_coarse
         if x.dim() != 3 or x.shape[0] % k:
             raise ValueError(

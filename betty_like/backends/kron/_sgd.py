@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._kron_layer import KronData, KroneckerLinear
-from ._kron_search import SEARCHES
+from ._layer import KronData, KroneckerLinear
+from ._search import SEARCHES
 
 
 @dataclass(frozen=True)
