@@ -196,15 +196,23 @@ def test_a_shuffled_dataloader_yields_the_batches_of_a_plain_loop_epoch_after_ep
     # the engine must draw each epoch's shuffle exactly when a plain `for` loop over the loader would
     from torch.utils.data import DataLoader, TensorDataset
 
-    from betty_like._data import BatchStream
+    from betty_like import Engine, Problem
 
     def loader():
-        data = TensorDataset(torch.arange(10.0))
+        data = TensorDataset(torch.arange(10.0).unsqueeze(1))
         return DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3))
+
+    class Recorder(Problem):
+        seen: list = []
+
+        def training_step(self, batch):
+            self.seen.append(batch[0].clone())
+            return (self.module(batch[0]) ** 2).mean()
 
     plain = loader()
     expected = [batch[0] for _epoch in range(3) for batch in plain]
-    stream = BatchStream("p", loader(), None)
-    got = [stream.next(i)[0] for i in range(len(expected))]
-    for a, b in zip(got, expected, strict=True):
+    net = nn.Linear(1, 1)
+    problem = Recorder("p", module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.0), data=loader())
+    Engine([problem], config=EngineConfig(train_iters=len(expected))).run()
+    for a, b in zip(problem.seen, expected, strict=True):
         assert torch.equal(a, b)
