@@ -37,6 +37,7 @@ import torch
 
 from ._run_state import Window
 from .callbacks import Callback
+from .logging import is_rank_zero
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -264,6 +265,8 @@ class Checkpointing(Callback):
         if not self._due or any(engine.status(n).window_open for n in engine.problems):
             return
         self._due = False
+        if not is_rank_zero():  # every rank holds the same state; one writes it
+            return
         save(engine, self.directory / f"ckpt-{engine.iteration:08d}.pt")
         for old in checkpoints(self.directory)[: -self.keep]:
             old.unlink()

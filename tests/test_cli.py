@@ -54,6 +54,28 @@ def test_a_multirun_of_two_values_makes_two_run_directories(tmp_path):
     assert methods == ["unroll", "darts"]
 
 
+def test_the_optuna_sweeper_tunes_an_experiment(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    result = cli("-m", "experiment=reweight_digits_optuna", "engine.train_iters=2", "engine.progress=false",
+                 "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"build.classifier.optimizer.lr", "problem.classifier.hypergrad"}
+    trials = [yaml.safe_load((tmp_path / sub / "config.yaml").read_text()) for sub in ("0", "1")]
+    assert best["best_value"] > 0 and len({t["build"]["classifier"]["optimizer"]["lr"] for t in trials}) == 2
+
+
+def test_the_submitit_launcher_runs_a_sweep_with_its_local_executor(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    result = cli("-m", "experiment=reweight_digits_submitit", "engine.train_iters=2", "engine.checkpoint_every=2",
+                 "engine.progress=false", "problem.classifier.hypergrad=unroll,cg", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    for sub, method in (("0", "unroll"), ("1", "cg")):
+        assert yaml.safe_load((tmp_path / sub / "config.yaml").read_text())["problem"]["classifier"]["hypergrad"] == method
+        assert (tmp_path / sub / "checkpoints" / "ckpt-00000002.pt").exists()
+        assert (tmp_path / sub / "logs" / "metrics.csv").exists()
+
+
 def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
