@@ -26,6 +26,8 @@ HOOKS = ("on_run_start", "on_step_start", "on_step_end", "on_iteration_end", "on
 class Callback:
     """Override any of the hooks; each default does nothing."""
 
+    restores = False  # True: its on_run_start restores the engine's state, so it runs before every other one
+
     def on_run_start(self, engine: Engine) -> None:
         """The run starts (or continues)."""
 
@@ -62,7 +64,10 @@ class Callbacks:
                 raise TypeError(f"callbacks must be betty_like.Callback instances, got {type(c).__name__}")
 
     def call(self, hook: str, engine: Engine, *args: Any) -> None:
-        for callback in self.items:
+        items = self.items
+        if hook == "on_run_start":  # restoring callbacks (a checkpoint resume) first: the others start from the restored state
+            items = sorted(items, key=lambda c: not c.restores)
+        for callback in items:
             try:
                 getattr(callback, hook)(engine, *args)
             except Exception as error:

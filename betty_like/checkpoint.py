@@ -37,6 +37,7 @@ import torch
 
 from ._run_state import Window
 from .callbacks import Callback
+from .hypergrad import HypergradInfo, SolveInfo
 from .logging import is_rank_zero
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ def state_of(engine: Engine) -> dict[str, Any]:
             "optimizer": problem.optimizer.state_dict(),
             "scheduler": problem.scheduler.state_dict() if problem.scheduler is not None else None,
             "schedule": [schedule.rounds, schedule.steps, schedule.since_report, sorted(schedule.ready)],
-            "record": [record.loss, record.skipped],
+            "record": [record.loss, record.skipped, record.gradient, record.metrics, {k: dataclasses.asdict(i) for k, i in record.infos.items()}],
             "window": None
             if window is None
             else {
@@ -209,7 +210,9 @@ def load(engine: Engine, path: str | os.PathLike) -> None:
         schedule = engine._schedule[name]
         schedule.rounds, schedule.steps, schedule.since_report, ready = saved["schedule"]
         schedule.ready = set(ready)
-        engine._records[name].loss, engine._records[name].skipped = saved["record"]
+        record = engine._records[name]
+        record.loss, record.skipped, record.gradient, record.metrics, infos = saved["record"]
+        record.infos = {k: HypergradInfo(i["problem"], i["method"], i["solve"] and SolveInfo(**i["solve"])) for k, i in infos.items()}
         window = saved["window"]
         if window is not None:
             device = {k: t.device for k, t in setup.leaves.items()}
@@ -243,6 +246,8 @@ class Checkpointing(Callback):
         self.directory = Path(directory) if directory is not None else None
         self.every, self.keep, self.resume = every, keep, resume
         self._due = False
+
+    restores = True
 
     def on_run_start(self, engine: Engine) -> None:
         if self.resume is None or engine.iteration:

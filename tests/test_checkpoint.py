@@ -83,6 +83,21 @@ def test_k_then_resume_then_the_rest_equals_a_straight_run_bit_for_bit(tmp_path,
         assert resumed.status(name).steps == straight.status(name).steps
 
 
+def test_a_resumed_run_logs_the_same_rows_as_a_straight_one(tmp_path):
+    import csv
+
+    def table(path):
+        with open(path, newline="") as f:
+            return [r for r in csv.DictReader(f) if not r["tag"].startswith(("time/", "memory/"))]
+
+    logs = {"log_every": 1, "logger": "csv", "progress": False}
+    bilevel("cg", log_dir=str(tmp_path / "straight"), **logs).run()
+    died = bilevel("cg", log_dir=str(tmp_path / "resumed"), checkpoint_every=4, checkpoint_dir=str(tmp_path / "c"), **logs)
+    died.run(iterations=6)  # rows 5 and 6 are written, then lost with the process
+    bilevel("cg", log_dir=str(tmp_path / "resumed"), checkpoint_dir=str(tmp_path / "c"), resume="latest", **logs).run()
+    assert table(tmp_path / "resumed" / "metrics.csv") == table(tmp_path / "straight" / "metrics.csv")
+
+
 def test_keeps_the_newest_and_saving_with_an_open_window_warns_that_history_is_cut(tmp_path, caplog):
     engine = bilevel("cg", checkpoint_every=2, keep_checkpoints=2, checkpoint_dir=str(tmp_path))
     engine.run()
