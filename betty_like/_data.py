@@ -32,13 +32,23 @@ class BatchStream:
         self.device = device
         self._iterator: Iterator[Any] | None = None
         self._returned: list[Any] = []
+        self.drawn = 0  # batches taken and not put back: the position a checkpoint stores
 
     def put_back(self, batch: Any) -> None:
         """Return a batch whose step did not happen (an exception or interrupt): :meth:`next` gives it again."""
         self._returned.append(batch)
+        self.drawn -= 1
+
+    def skip(self, count: int, iteration: int) -> Any:
+        """Draw and drop ``count`` batches (a resumed run's data position); returns the last one (or None)."""
+        batch = None
+        for _ in range(count):
+            batch = self.next(iteration)
+        return batch
 
     def next(self, iteration: int) -> Any:
         """The next batch; ``iteration`` only serves the error messages."""
+        self.drawn += 1
         if self._returned:
             return self._returned.pop()
         if self.data is None:
@@ -53,6 +63,7 @@ class BatchStream:
                 # an iterator is its own iterable (it cannot start over); asking with iter() would draw a
                 # DataLoader's next shuffle and shift its epochs against a plain loop's
                 if attempt == 1 or isinstance(self.data, Iterator):
+                    self.drawn -= 1
                     raise ValueError(
                         f"problem {self.owner!r}: its data ran out at iteration {iteration} and cannot be cycled "
                         f"({type(self.data).__name__} is empty or a one-shot iterator); pass a re-iterable such as "

@@ -41,6 +41,7 @@ class Record:
     gradient: Params | None = None
     infos: dict[str, HypergradInfo] = field(default_factory=dict)
     skipped: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class ProblemStatus:
             linear solve: iterations, residuals, convergence).
         skipped: steps skipped for a non-finite loss (``on_nonfinite="skip"``).
         window_open: whether it holds unrolled steps not yet consumed by the problems above it.
+        metrics: the scalars its last step reported (a dict returned by ``training_step``, ``self.log``).
     """
 
     name: str
@@ -66,12 +68,14 @@ class ProblemStatus:
     diagnostics: Mapping[str, HypergradInfo]
     skipped: int
     window_open: bool
+    metrics: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def of(cls, name: str, schedule: Schedule, record: Record, window: Window | None) -> ProblemStatus:
         gradient = None if record.gradient is None else MappingProxyType(dict(record.gradient))
         return cls(
-            name, schedule.steps, record.loss, gradient, MappingProxyType(dict(record.infos)), record.skipped, window is not None
+            name, schedule.steps, record.loss, gradient, MappingProxyType(dict(record.infos)), record.skipped, window is not None,
+            MappingProxyType(dict(record.metrics)),
         )
 
 

@@ -5,6 +5,7 @@ Every mistake found here raises before the first step with the problem, the valu
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,22 @@ class Setup:
     unrolls: bool
     period: int
     stream: BatchStream
+
+
+def check_problems(problems: Iterable[Problem]) -> list[Problem]:
+    """The problems as a list: all ``Problem`` instances, uniquely named, not in another engine."""
+    problems = list(problems)
+    for p in problems:
+        if not isinstance(p, Problem):
+            raise TypeError(f"Engine takes Problem instances, got {type(p).__name__}: subclass betty_like.Problem")
+    names = [p.name for p in problems]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"problem names must be unique, {duplicates} appear more than once")
+    for p in problems:
+        if p._engine is not None:  # noqa: SLF001 (set by the engine that owns it)
+            raise ValueError(f"problem {p.name!r} already belongs to another Engine: create a new instance")
+    return problems
 
 
 def set_up(p: Problem, graph: Graph, problems: dict[str, Problem], device: torch.device | None) -> Setup:

@@ -162,7 +162,17 @@ class EngineConfig:
         valid_every: call every problem's ``validation_step`` each this many iterations (0 = never).
         device: move every module and batch to this device (``None`` leaves placement to the user).
         seed: seed for torch's generators at the start of ``run`` (``None`` leaves them alone).
-        log_every: record every problem's last loss in ``engine.history`` each this many iterations.
+        log_every: record every problem's last loss in ``engine.history``, and write a row to the
+            loggers, each this many iterations.
+        logger: ``"none"`` (write nothing), ``"csv"``, ``"tensorboard"`` or both, ``"csv,tensorboard"``
+            (:mod:`betty_like.logging`).
+        log_dir: where the loggers write; required with a logger.
+        progress: a tqdm bar on rank 0: ``None`` shows it on a terminal only, ``True`` always, ``False`` never.
+        checkpoint_every: write a checkpoint each this many iterations (0 = never; :mod:`betty_like.checkpoint`).
+        checkpoint_dir: where checkpoints go; required with ``checkpoint_every`` or ``resume="latest"``.
+        keep_checkpoints: how many of the newest checkpoints to keep.
+        resume: continue from a checkpoint file, or ``"latest"`` in ``checkpoint_dir`` (a fresh start
+            if there is none yet), at the start of ``run``.
     """
 
     train_iters: int = 1000
@@ -170,6 +180,17 @@ class EngineConfig:
     device: str | None = None
     seed: int | None = None
     log_every: int = 10
+    logger: str = "none"
+    log_dir: str | None = None
+    progress: bool | None = None
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 3
+    resume: str | None = None
+
+    def loggers(self) -> list[str]:
+        """The logger kinds named by ``logger``, in order (empty for ``"none"``)."""
+        return [] if self.logger == "none" else [k.strip() for k in self.logger.split(",")]
 
     def __post_init__(self) -> None:
         owner = "EngineConfig"
@@ -181,4 +202,23 @@ class EngineConfig:
             "valid_every",
             self.valid_every,
             "use an integer >= 0 (0 disables validation)",
+        )
+        from .logging import LOGGERS  # here, not at the top: logging imports the engine's callbacks
+
+        kinds = self.loggers()
+        _require(
+            isinstance(self.logger, str) and all(k in LOGGERS for k in kinds) and len(set(kinds)) == len(kinds),
+            owner, "logger", self.logger, f"use 'none' or a comma-separated list of {list(LOGGERS)}",
+        )
+        _require(not kinds or self.log_dir is not None, owner, "log_dir", self.log_dir, f"give a directory for logger={self.logger!r}")
+        _require(self.progress in (None, True, False), owner, "progress", self.progress, "use None (terminal only), True or False")
+        _require(
+            isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+            owner, "checkpoint_every", self.checkpoint_every, "use an integer >= 0 (0 disables checkpoints)",
+        )
+        _positive_int(owner, "keep_checkpoints", self.keep_checkpoints)
+        needs_dir = self.checkpoint_every > 0 or self.resume == "latest"
+        _require(
+            not needs_dir or self.checkpoint_dir is not None, owner, "checkpoint_dir", self.checkpoint_dir,
+            "give a directory for checkpoint_every > 0 or resume='latest'",
         )

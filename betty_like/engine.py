@@ -30,14 +30,17 @@ from torch import Tensor
 
 from ._functional import ProblemModules
 from ._run_state import ProblemStatus, Record, Schedule, Window, random_states, restore_random_states
-from ._setup import Setup, set_up
+from ._setup import Setup, check_problems, set_up
 from ._user_code import call_user, checked_loss
+from .callbacks import Callback, Callbacks
+from .checkpoint import checkpoint_policies
 from .config import EngineConfig
 from .execution import ExecutionChoice, plan_executions
 from .graph import Graph
 from .hypergrad import HypergradInfo, Level, Program, hypergradient
 from .hypergrad._tree import detach
 from .hypergrad.unroll import WindowStep, keeps_graph, rematerialized, window_gradient
+from .logging import Metrics, log_policies
 from .optim import Params, clip_grad_norm
 from .problem import Problem
 
@@ -63,6 +66,7 @@ class Engine:
         dependencies: ``{"u2l": {upper: [lowers]}, "l2u": {lower: [uppers]}}`` with problems or
             their names, Betty's forms as written; see :mod:`betty_like.graph`.
         config: engine settings.
+        callbacks: :class:`~betty_like.callbacks.Callback` hooks, called before the policies ``config`` chooses.
     """
 
     def __init__(
@@ -70,18 +74,10 @@ class Engine:
         problems: Iterable[Problem],
         dependencies: Mapping[str, Mapping[Any, Iterable[Any]]] | None = None,
         config: EngineConfig | None = None,
+        callbacks: Iterable[Callback] = (),
     ) -> None:
-        problems = list(problems)
-        for p in problems:
-            if not isinstance(p, Problem):
-                raise TypeError(f"Engine takes Problem instances, got {type(p).__name__}: subclass betty_like.Problem")
+        problems = check_problems(problems)
         names = [p.name for p in problems]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"problem names must be unique, {duplicates} appear more than once")
-        for p in problems:
-            if p._engine is not None:
-                raise ValueError(f"problem {p.name!r} already belongs to another Engine: create a new instance")
         self.config = config if config is not None else EngineConfig()
         if not isinstance(self.config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(self.config).__name__}")
@@ -102,6 +98,8 @@ class Engine:
         self._pending: deque[list[str]] = deque()
         self._seeded = False
         self._warned: set[str] = set()
+        self.metrics, policies = Metrics(), [*log_policies(self.config), *checkpoint_policies(self.config)]
+        self.callbacks = Callbacks([*callbacks, *policies])
         self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once)
 
     # ------------------------------------------------------------------ what users read
@@ -110,10 +108,6 @@ class Engine:
         if name not in self.problems:
             raise KeyError(f"unknown problem {name!r}; problems: {sorted(self.problems)}")
         return ProblemStatus.of(name, self._schedule[name], self._records[name], self._windows[name])
-
-    def leaves(self, name: str) -> Params:
-        """The real (leaf) trainable parameters of problem ``name``, keyed ``"<problem>.<param>"``."""
-        return dict(self._setups[name].leaves)
 
     def current_params(self) -> Params:
         """Every problem's current parameters: an unrolled problem's window weights, else its leaves."""
@@ -159,18 +153,22 @@ class Engine:
     def run(self, iterations: int | None = None) -> Engine:
         """Run until ``config.train_iters`` iterations are done, or ``iterations`` more; returns self.
 
-        Seeds torch once, at the first run. After an exception or Ctrl-C, calling it again continues
-        where the interrupted iteration stopped.
+        Seeds torch once, at the first run; ``config.resume`` loads a checkpoint at its start. After
+        an exception or Ctrl-C, calling it again continues where the interrupted iteration stopped.
         """
         if iterations is not None and (not isinstance(iterations, int) or iterations < 0):
             raise ValueError(f"run(iterations={iterations!r}) is invalid: use an integer >= 0 or None")
         if self.config.seed is not None and not self._seeded:
             torch.manual_seed(self.config.seed)
             self._seeded = True
-        count = max(self.config.train_iters - self.iteration, 0) if iterations is None else iterations
-        for _ in range(count):
-            self.step()
-        self.sync()
+        self.callbacks.call("on_run_start", self)
+        try:
+            count = max(self.config.train_iters - self.iteration, 0) if iterations is None else iterations
+            for _ in range(count):
+                self.step()
+            self.sync()
+        finally:
+            self.callbacks.call("on_run_end", self)
         return self
 
     def sync(self) -> None:
@@ -194,6 +192,7 @@ class Engine:
                     self.history.append({"iteration": self.iteration, "problem": name, "loss": record.loss})
         if self.config.valid_every and self.iteration % self.config.valid_every == 0:
             self.validate()
+        self.callbacks.call("on_iteration_end", self)
 
     def validate(self) -> dict[str, dict[str, float]]:
         """Call every problem's optional ``validation_step()`` (no arguments, returns a dict of floats)."""
@@ -210,6 +209,7 @@ class Engine:
                 )
             results[name] = {k: float(v) for k, v in metrics.items()}
             self.validation_history.append({"iteration": self.iteration, "problem": name, **results[name]})
+        self.callbacks.call("on_validation_end", self, results)
         return results
 
     # ------------------------------------------------------------------ waves
@@ -218,6 +218,9 @@ class Engine:
         due = [n for n in names if (self._schedule[n].rounds + 1) % self.problems[n].config.step_every == 0]
         randomness, previous, drawn = random_states(), dict(self._batches), []
         try:
+            for name in due:
+                self.metrics.begin(name)
+                self.callbacks.call("on_step_start", self, name)
             if len(due) == 1 and due[0] in self._executions:
                 name = due[0]
                 self._draw(name, drawn)
@@ -242,6 +245,8 @@ class Engine:
             raise
         for name in names:
             self._schedule[name].rounds += 1
+        for name in due:
+            self.callbacks.call("on_step_end", self, name)
         due_readers = []
         for name in reports:
             for reader in self.graph.readers(name):
@@ -320,6 +325,7 @@ class Engine:
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
                 problem.scheduler.step()
         record.loss, record.gradient, record.infos = value, detach(outcome.gradient), outcome.infos
+        record.metrics = self.metrics.take(name)
         for message in outcome.warnings:
             self._warn_once(message, message)
         return True
@@ -367,7 +373,9 @@ class Engine:
 
     def _loss(self, name: str, batch: Any, values: Params | None) -> Tensor:
         step = self.problems[name].training_step
-        loss = call_user(name, "training_step", self._modules, values, step, batch)
+        with self.metrics.evaluating(name) as capturing:
+            out = call_user(name, "training_step", self._modules, values, step, batch)
+            loss = self.metrics.split(name, out, capturing)
         return checked_loss(name, loss, self.iteration + 1)  # the iteration in progress, 1-based
 
     def _loss_value(self, name: str, loss: Tensor) -> float | None:

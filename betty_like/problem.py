@@ -7,6 +7,7 @@ counters, unrolled weights) lives in the :class:`~betty_like.engine.Engine`.
 
 from __future__ import annotations
 
+import functools
 import keyword
 from abc import ABC, abstractmethod
 from typing import Any
@@ -69,16 +70,46 @@ class Problem(ABC):
         self.data = data
         self.config = config if config is not None else ProblemConfig()
         self._engine: Any = None  # the Engine it belongs to, set by the engine (never imported here)
+        self._names: list[str] | None = None  # names of its trainable parameters, for parameters()
+        self.parameters()  # fixes the names now, before any call substitutes the module's tensors
 
     @abstractmethod
     def training_step(self, batch: Any) -> torch.Tensor:
         """Return this problem's scalar loss on ``batch``."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run this problem's module (inside the engine: with its current parameters)."""
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """What calling the problem runs: its module (inside the engine: with its current parameters).
+
+        Override it to call the module differently (Betty's ``Problem.forward``); ``self.other(x)``
+        from another problem runs the override too.
+        """
         if self.module is None:
             raise TypeError(f"problem {self.name!r} has no module to call: pass module=... when creating it")
         return self.module(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run :meth:`forward` (by default the module, with its current parameters inside the engine)."""
+        return self.forward(*args, **kwargs)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The trainable parameters: those its optimizer holds, in its order.
+
+        Inside the engine's calls of ``training_step`` these are the current values (unrolled or
+        substituted weights), so a regularizer written with them is differentiated correctly.
+        """
+        if self.module is None or self.optimizer is None:
+            return []
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        if self._names is None:  # fixed at the first call; under substitution the ids change, the names do not
+            self._names = [n for n, p in self.module.named_parameters() if id(p) in held]
+        return [functools.reduce(getattr, n.split("."), self.module) for n in self._names]
+
+    def log(self, name: str, value: Any) -> None:
+        """Record metric ``name`` for this step (call it from ``training_step``); loggers write it every ``log_every``."""
+        engine = self.__dict__.get("_engine")
+        if engine is None:
+            raise RuntimeError(f"problem {self.name!r}: self.log works inside an Engine's run, which it is not part of")
+        engine.metrics.log(self.name, name, value)
 
     def __getattr__(self, item: str) -> Problem:
         # Only reached when normal lookup fails: resolve another problem of the same engine by name.

@@ -55,6 +55,17 @@ def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: in
             yield x[index], y[index]
 
 
+def train_batches(noise: float, seed: int, batch_size: int):
+    """The noisy training stream (the CLI experiment's ``build.classifier.data``)."""
+    (x, y, _), _, _ = noisy_digits(noise, seed)
+    return shuffled_batches(x, y, batch_size, seed)
+
+
+def valid_batches(noise: float, seed: int) -> list:
+    """The clean validation split as one batch (the CLI experiment's ``build.reweight.data``)."""
+    return [noisy_digits(noise, seed)[1]]
+
+
 def classifier() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 

@@ -1,0 +1,127 @@
+"""``betty-like`` / ``python -m betty_like``: run an experiment from Hydra configs.
+
+``betty-like experiment=reweight_digits engine.train_iters=500 problem.classifier.hypergrad=cg`` composes
+``configs/config.yaml`` with an experiment, builds every problem from the experiment's ``build``
+section (``_target_`` names the user's own :class:`~betty_like.Problem` subclass, module, optimizer
+and data, importable from the current directory) and runs the engine. ``-m`` sweeps
+(``-m problem.classifier.hypergrad=cg,neumann``) give one run directory per value; each holds the
+resolved ``config.yaml``, ``logs/`` (CSV, TensorBoard) and ``checkpoints/``.
+
+An experiment has three sections:
+
+- ``build.<problem>``: ``_target_`` (a Problem subclass), ``module``, ``optimizer`` (a
+  ``_partial_`` optimizer, called with the module's parameters), optional ``scheduler``
+  (``_partial_``, called with the optimizer), ``data``, and any extra keyword arguments of the class;
+- ``problem.<problem>``: its :class:`~betty_like.ProblemConfig` (presets in ``configs/problem/``);
+- ``dependencies``: ``u2l`` / ``l2u`` by problem name.
+
+``ProblemConfig`` and ``EngineConfig`` are registered as structured configs (``problem/schema``,
+``engine/schema``), so an unknown key, a wrong type or an unknown method fails at start with
+Hydra's message and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import config as configs
+from .config import EngineConfig, ProblemConfig
+from .engine import Engine
+from .hypergrad import METHODS
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+_CHOICES = {
+    "hypergrad": list(METHODS),
+    "nested": configs.NESTED_RULES,
+    "darts_scale": configs.DARTS_SCALES,
+    "on_nonfinite": configs.NONFINITE_POLICIES,
+    "execution": configs.EXECUTIONS,
+}
+_PLAIN = (int, float, str, bool)
+
+
+def _schema_type(name: str, hint: Any) -> Any:
+    """The field's type as OmegaConf can check it: an enum for a choice, the type itself if plain, else Any."""
+    if name in _CHOICES:
+        return enum.Enum(name, {c: c for c in _CHOICES[name]})
+    args = typing.get_args(hint)
+    if hint in _PLAIN:
+        return hint
+    if isinstance(hint, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return typing.Optional[inner] if inner in _PLAIN else Any  # noqa: UP045 (OmegaConf reads Optional)
+    return Any
+
+
+def schema(cls: type) -> type:
+    """A structured-config twin of the dataclass ``cls``: same fields and defaults, types OmegaConf checks."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        kind = _schema_type(f.name, hints[f.name])
+        default = kind[f.default] if isinstance(kind, type) and issubclass(kind, enum.Enum) else f.default
+        fields.append((f.name, kind, dataclasses.field(default=default)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Schema", fields)
+
+
+def register() -> None:
+    """Register the structured configs (engine and problem schemas) in Hydra's ConfigStore."""
+    store = ConfigStore.instance()
+    store.store(group="engine", name="schema", node=schema(EngineConfig))
+    store.store(group="problem", name="schema", node=schema(ProblemConfig))
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if isinstance(node, DictConfig) else node
+
+
+def build(cfg: DictConfig) -> Engine:
+    """The engine an experiment config describes (see the module docstring)."""
+    if "build" not in cfg or not cfg.build:
+        raise ValueError("the config has no problems: choose an experiment, e.g. experiment=reweight_digits")
+    problems = []
+    for name, spec in cfg.build.items():
+        parts = {k: v for k, v in spec.items() if k != "_target_"}
+        module = instantiate(parts.pop("module"))
+        optimizer = instantiate(parts.pop("optimizer"))(module.parameters())
+        scheduler = parts.pop("scheduler", None)
+        scheduler = instantiate(scheduler)(optimizer) if scheduler is not None else None
+        data = instantiate(parts.pop("data", None))
+        config = ProblemConfig(**_plain(cfg.get("problem", {}).get(name, {})))
+        extra = {k: instantiate(v) for k, v in parts.items()}
+        cls = get_class(spec._target_)
+        problems.append(cls(name, module=module, optimizer=optimizer, scheduler=scheduler, data=data, config=config, **extra))
+    return Engine(problems, _plain(cfg.get("dependencies")), EngineConfig(**_plain(cfg.engine)))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def _main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    engine = build(cfg)
+    engine.run()
+    for name in engine.problems:
+        status = engine.status(name)
+        print(f"{name}: {status.steps} steps, last loss {status.loss}")
+    tops = [n for n in engine.problems if not engine.graph.readers(n)]
+    return engine.status(tops[0]).loss if tops else None  # what a sweeper (Optuna) minimizes
+
+
+def main() -> None:
+    """Console entry point; the current directory is importable, as under ``python -m``."""
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    register()
+    _main()
