@@ -71,6 +71,9 @@ def schema(cls: type) -> type:
     fields = []
     for f in dataclasses.fields(cls):
         kind = _schema_type(f.name, hints[f.name])
+        if f.default_factory is not dataclasses.MISSING:  # e.g. backends={}: a fresh container per config
+            fields.append((f.name, kind, dataclasses.field(default_factory=f.default_factory)))
+            continue
         default = kind[f.default] if isinstance(kind, type) and issubclass(kind, enum.Enum) else f.default
         fields.append((f.name, kind, dataclasses.field(default=default)))
     return dataclasses.make_dataclass(f"{cls.__name__}Schema", fields)
