@@ -24,7 +24,6 @@ Writes ``benchmarks/results/vs_peers.md`` and ``vs_peers.png``. ``--quick`` shri
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -149,12 +148,12 @@ def run_ours_mwn(method, data, outer_steps, capture):
 
 
 def run_betty_mwn(method, data, outer_steps, capture):
+    import logging
+
     from betty.configs import Config, EngineConfig
     from betty.engine import Engine
     from betty.problems import ImplicitProblem
     from reweight_digits import shuffled_batches
-
-    import logging
 
     logging.disable(logging.INFO)  # Betty logs every engine start and finish
     train, meta = data[0], data[1]
@@ -238,12 +237,12 @@ def reference_hypergradient(method, net, data):
     def hvp(u):
         return torch.autograd.grad(g, params, grad_outputs=u, retain_graph=True)
 
-    dot = lambda a, b: sum((p * q).sum() for p, q in zip(a, b))  # noqa: E731
+    dot = lambda a, b: sum((p * q).sum() for p, q in zip(a, b, strict=False))  # noqa: E731
     if method == "neumann":
         term, total = list(v), list(v)
         for _ in range(R1["iterations"]):
-            term = [t - R1["lr"] * h for t, h in zip(term, hvp(term))]
-            total = [a + b for a, b in zip(total, term)]
+            term = [t - R1["lr"] * h for t, h in zip(term, hvp(term), strict=False)]
+            total = [a + b for a, b in zip(total, term, strict=False)]
         sol = [R1["lr"] * t for t in total]
     else:
         sol = [torch.zeros_like(t) for t in v]
@@ -251,10 +250,10 @@ def reference_hypergradient(method, net, data):
         for _ in range(its):
             hp = hvp(p)
             alpha = dot(r, r) / dot(p, hp)
-            sol = [a + alpha * b for a, b in zip(sol, p)]
-            r_new = [a - alpha * b for a, b in zip(r, hp)]
+            sol = [a + alpha * b for a, b in zip(sol, p, strict=False)]
+            r_new = [a - alpha * b for a, b in zip(r, hp, strict=False)]
             beta = dot(r_new, r_new) / dot(r, r)
-            p = [a + beta * b for a, b in zip(r_new, p)]
+            p = [a + beta * b for a, b in zip(r_new, p, strict=False)]
             r = r_new
     mixed = torch.autograd.grad(g, lam, grad_outputs=sol)
     return -torch.cat([m.flatten() for m in mixed])
@@ -297,6 +296,7 @@ def row1(repeats):
 def row1_child(method, impl):
     data = mwn_data()
     import betty.engine  # noqa: F401  (both frameworks imported before the baseline, whichever runs)
+
     import betty_like  # noqa: F401
 
     base = maxrss_mb()
@@ -406,7 +406,8 @@ def row2(Ks, repeats):
 
 def row2_child(K, name):
     setup = r2_setup()
-    import higher, torchopt  # noqa: F401,E401  (imports outside the measured peak)
+    import higher  # noqa: F401,E401  (imports outside the measured peak)
+
     import betty_like  # noqa: F401
 
     base = maxrss_mb()
@@ -470,7 +471,7 @@ def child_memory(args) -> float:
 
 # =========================================================================== report
 def ratio(a, b):
-    r = [x / y for x, y in zip(a, b)]
+    r = [x / y for x, y in zip(a, b, strict=False)]
     return f"{med(r):.2f} [{min(r):.2f}-{max(r):.2f}]"
 
 
@@ -545,7 +546,7 @@ def main(argv=None):
                 f"| {LABEL.get(m, m)} | {spread(a['t'])} | {spread(b['t'])} | {ratio(a['t'], b['t'])} | {a['mem']:.0f} | {b['mem']:.0f} | "
                 f"{a['acc']:.3f} / {b['acc']:.3f} | {r[(m, 'diff')]:.1e} | {r[(m, 'err')][0]:.1e} / {r[(m, 'err')][1]:.1e} |"
             )
-            plot[f"MWN {m}"] = med([x / y for x, y in zip(a["t"], b["t"])])
+            plot[f"MWN {m}"] = med([x / y for x, y in zip(a["t"], b["t"], strict=False)])
         lines.append("")
         print("\n".join(lines[-6:]), flush=True)
     if "2" in rows:
@@ -573,7 +574,7 @@ def main(argv=None):
                 lines.append(f"| {K} | {name} | {spread(x['t'])} | {rt} | {x['mem']:.0f} | {rm} | "
                              f"{x['diff']:.1e} ({r[(K, 'scale')]:.1e}) |")
                 if x is not ours:
-                    plot[f"K={K} vs {name.split()[0]}"] = med([p / q for p, q in zip(ours["t"], x["t"])])
+                    plot[f"K={K} vs {name.split()[0]}"] = med([p / q for p, q in zip(ours["t"], x["t"], strict=False)])
         lo, hi = Ks[0], Ks[-1]
         slopes = {n: (r[(hi, n)]["mem"] - r[(lo, n)]["mem"]) / (hi - lo) for n in UNROLLERS}
         lines += ["", f"Memory per extra unrolled step (peak MB between K={lo} and K={hi}, divided by {hi - lo}): "
@@ -597,7 +598,7 @@ def main(argv=None):
             f"| torchopt custom_root + solve_cg | {spread([1e3 * t for t in r['torchopt']['t']])} | - | {r['torchopt']['err']:.1e} |",
             "",
         ]
-        plot["ridge cg vs torchopt"] = med([p / q for p, q in zip(r["ours"]["t"], r["torchopt"]["t"])])
+        plot["ridge cg vs torchopt"] = med([p / q for p, q in zip(r["ours"]["t"], r["torchopt"]["t"], strict=False)])
         print("\n".join(lines[-5:]), flush=True)
     total = time.perf_counter() - t0
     lines.append(f"Total run time: {total:.0f} s.")
