@@ -17,6 +17,8 @@ NESTED_RULES = ("total", "partial")
 DARTS_SCALES = ("lr", "identity")
 NONFINITE_POLICIES = ("raise", "skip")
 EXECUTIONS = ("eager", "compiled", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16")
+HVP_PRECISIONS = ("fp32", "autocast")
 
 
 def _require(condition: bool, owner: str, field: str, value: object, fix: str) -> None:
@@ -71,6 +73,10 @@ class ProblemConfig:
             forward, backward and update captured once per batch shape and replayed
             (:mod:`betty_like.backends.compiled`); or ``auto``, which times both on the first steps
             and keeps the faster. Steps that take a hypergradient or keep a graph for one stay eager.
+        hvp_precision: under ``EngineConfig(precision="bf16"|"fp16")``, the precision of what
+            differentiates this problem's solution: ``"fp32"`` (its loss evaluated again without
+            autocast for Hessian-vector products, finite differences and kept unrolled graphs:
+            default) or ``"autocast"`` (the low-precision graph itself: cheaper, less accurate).
     """
 
     hypergrad: str = "unroll"
@@ -89,6 +95,7 @@ class ProblemConfig:
     on_nonfinite: str = "raise"
     backend: str | list[str] | Callable[..., str] | None = None
     execution: str = "eager"
+    hvp_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         owner = "ProblemConfig"
@@ -99,7 +106,11 @@ class ProblemConfig:
             self.hypergrad,
             f"choose one of {list(METHODS)}",
         )
-        for name, choices in (("nested", NESTED_RULES), ("darts_scale", DARTS_SCALES)):
+        for name, choices in (
+            ("nested", NESTED_RULES),
+            ("darts_scale", DARTS_SCALES),
+            ("hvp_precision", HVP_PRECISIONS),
+        ):
             value = getattr(self, name)
             _require(value in choices, owner, name, value, f"choose one of {list(choices)}")
         for name in ("unroll_steps", "iterations", "step_every"):
@@ -149,6 +160,9 @@ class EngineConfig:
         device: move every module and batch to this device (``None`` leaves placement to the user).
         seed: seed for torch's generators at the start of ``run`` (``None`` leaves them alone).
         log_every: record every problem's last loss in ``engine.history`` each this many iterations.
+        precision: ``"fp32"``, or forwards under autocast in ``"bf16"`` / ``"fp16"``; parameters,
+            gradients and hypergradient arithmetic stay fp32 (:mod:`betty_like.precision`).
+        loss_scale: the initial loss scale under fp16 (halved on each overflow, doubled after 2000 good steps).
     """
 
     train_iters: int = 1000
@@ -156,9 +170,19 @@ class EngineConfig:
     device: str | None = None
     seed: int | None = None
     log_every: int = 10
+    precision: str = "fp32"
+    loss_scale: float = 2.0**16
 
     def __post_init__(self) -> None:
         owner = "EngineConfig"
+        _require(self.precision in PRECISIONS, owner, "precision", self.precision, f"choose one of {list(PRECISIONS)}")
+        _require(
+            isinstance(self.loss_scale, (int, float)) and 0 < self.loss_scale < float("inf"),
+            owner,
+            "loss_scale",
+            self.loss_scale,
+            "use a finite number > 0",
+        )
         _positive_int(owner, "train_iters", self.train_iters)
         _positive_int(owner, "log_every", self.log_every)
         _require(

@@ -39,6 +39,7 @@ from .hypergrad import HypergradInfo, Level, Program, hypergradient
 from .hypergrad._tree import detach
 from .hypergrad.unroll import keeps_graph, window_gradient
 from .optim import Params, clip_grad_norm
+from .precision import Precision, device_type
 from .problem import Problem
 
 log = logging.getLogger("betty_like")
@@ -90,6 +91,8 @@ class Engine:
         self.device = torch.device(self.config.device) if self.config.device is not None else None
         self._setups: dict[str, Setup] = {p.name: set_up(p, self.graph, self.problems, self.device) for p in problems}
         self._modules = ProblemModules({n: p.module for n, p in self.problems.items()})
+        kind = device_type(self.device, [p.module for p in problems])
+        self._precision = Precision(self.config.precision, kind, self.config.loss_scale)
         for p in problems:
             p._engine = self
         self.iteration = 0
@@ -128,11 +131,12 @@ class Engine:
         execution = self._executions.get(name)
         return dict(execution.choices) if execution is not None else {}
 
-    def program(self, copies: bool = False) -> Program:
+    def program(self, copies: bool = False, scaled: str | None = None) -> Program:
         """An immutable snapshot of every level for the traversal (:func:`betty_like.hypergrad.hypergradient`).
 
         With ``copies`` the leaves of problems without a window enter as copies (still differentiable
         to the leaves): a graph kept by an unrolled step then survives their in-place optimizer steps.
+        ``scaled`` names the problem whose loss enters multiplied by the fp16 loss scale.
         """
         current = self.current_params()
         levels = {}
@@ -143,11 +147,13 @@ class Engine:
             levels[name] = Level(
                 name,
                 {k: current[k].clone() if copies and window is None else current[k] for k in setup.leaves},
-                partial(self._bound_loss, name),
+                partial(self._bound_loss, name, self._precision.scale if name == scaled else 1.0),
                 setup.method,
                 setup.problem.config,
                 setup.functional,
                 window is not None,
+                self._precision.push_scope(setup.problem.config),
+                self._precision.matvec_wrap(),
             )
         return Program(self.graph, levels)
 
@@ -256,17 +262,19 @@ class Engine:
     # ------------------------------------------------------------------ the step pipeline
     def _compute(self, name: str) -> StepOutcome:
         """Loss, gradient and commit of ``name``'s next step at the current state (nothing changes yet)."""
-        setup = self._setups[name]
+        setup, s = self._setups[name], self._precision.scale
         if setup.unrolls and self._schedule[name].steps >= setup.problem.config.warmup_steps:
             return self._unrolled(name)
-        if self.graph.lowers(name):
-            result = hypergradient(self.program(), name)
-            return StepOutcome(result.loss, detach(result.gradient), partial(self._apply, name), result.infos, result.warnings)
-        values = None if all(w is None for w in self._windows.values()) else self.current_params()
-        loss = self._loss(name, self._batches[name], values)
-        keys = list(setup.leaves)
-        grads = torch.autograd.grad(loss, [setup.leaves[k] for k in keys], allow_unused=True)
-        gradient = {k: g for k, g in zip(keys, grads, strict=True) if g is not None}
+        with self._precision.forward():
+            if self.graph.lowers(name):
+                result = hypergradient(self.program(scaled=name), name)
+                gradient = {k: g.detach() / s for k, g in result.gradient.items()} if s != 1.0 else detach(result.gradient)
+                return StepOutcome(result.loss / s, gradient, partial(self._apply, name), result.infos, result.warnings)
+            values = None if all(w is None for w in self._windows.values()) else self.current_params()
+            loss = self._loss(name, self._batches[name], values)
+            keys = list(setup.leaves)
+            grads = torch.autograd.grad(loss * s if s != 1.0 else loss, [setup.leaves[k] for k in keys], allow_unused=True)
+        gradient = {k: g / s if s != 1.0 else g for k, g in zip(keys, grads, strict=True) if g is not None}
         return StepOutcome(loss, gradient, partial(self._apply, name))
 
     def _unrolled(self, name: str) -> StepOutcome:
@@ -274,7 +282,12 @@ class Engine:
         setup = self._setups[name]
         window = self._window(name)
         keep = keeps_graph(setup.problem.config.truncate, window.steps + 1, setup.period)
-        result, origin = window_gradient(self.program(copies=keep), name, window.params, keep, setup.method.through_w)
+        with self._precision.forward(setup.problem.config, second_order=keep):
+            program = self.program(copies=keep, scaled=name)
+            result, origin = window_gradient(program, name, window.params, keep, setup.method.through_w)
+        if self._precision.scale != 1.0:
+            s = self._precision.scale
+            result.loss, result.gradient = result.loss / s, {k: g / s for k, g in result.gradient.items()}
 
         def commit(gradient: Params) -> None:
             params, state = setup.functional.step(origin, gradient, window.state)
@@ -297,7 +310,7 @@ class Engine:
     def _finish(self, name: str, outcome: StepOutcome, value: float | None) -> bool:
         """Clip, commit, step the scheduler, record; returns whether the step was taken (not skipped)."""
         problem, record = self.problems[name], self._records[name]
-        if value is None:
+        if value is None or not self._precision.accept(name, outcome.gradient):
             record.skipped += 1
             return False
         clip = problem.config.grad_clip
@@ -347,11 +360,12 @@ class Engine:
             self._windows[name] = Window(weights, setup.functional.state)
         return self._windows[name]
 
-    def _bound_loss(self, name: str, values: Params) -> Tensor:
-        """``name``'s loss on its current batch (drawn now if it has none) at ``values``."""
+    def _bound_loss(self, name: str, loss_scale: float, values: Params) -> Tensor:
+        """``name``'s loss on its current batch (drawn now if it has none) at ``values``, times ``loss_scale``."""
         if name not in self._batches:
             self._batches[name] = self._setups[name].stream.next(self.iteration + 1)
-        return self._loss(name, self._batches[name], values)
+        loss = self._loss(name, self._batches[name], values)
+        return loss * loss_scale if loss_scale != 1.0 else loss
 
     def _loss(self, name: str, batch: Any, values: Params | None) -> Tensor:
         step = self.problems[name].training_step

@@ -24,6 +24,7 @@ composes to any depth. ``nested="partial"`` holds the lower solutions fixed inst
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ._context import HypergradContext, HypergradInfo
+from ._context import HypergradContext, HypergradInfo, _identity
+from ._linsolve import MatVec
 from ._method import Method
 from ._tree import Params, grads
 
@@ -54,6 +56,8 @@ class Level:
         optimizer: a pure view of its optimizer.
         window: ``params`` are an open unrolled window whose graph carries the dependence on the
             parameters its steps read.
+        push_scope: what a push through its solution runs under (fp32 HVPs under autocast: no autocast).
+        matvec_wrap: applied to every Hessian-vector product of its pushes (precision, reduction).
     """
 
     name: str
@@ -63,6 +67,8 @@ class Level:
     config: Any
     optimizer: FunctionalOptimizer
     window: bool = False
+    push_scope: Callable[[], AbstractContextManager] = nullcontext
+    matvec_wrap: Callable[[MatVec], MatVec] = _identity
 
 
 @dataclass(frozen=True)
@@ -216,7 +222,7 @@ class _Responder:
     def push(self, v: Params, inputs: list[Tensor], outputs: list[Tensor]) -> list[Tensor]:
         """``v^T dw*/dx`` at the current solution, differentiable when the caller builds a graph."""
         create_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
+        with torch.enable_grad(), self.level.push_scope():
             if create_graph:  # aliases: partial derivatives here, the full chain rule beyond them
                 w = {k: t.view_as(t) for k, t in zip(self.output_keys, outputs, strict=True)}
                 x = {k: t.view_as(t) for k, t in zip(self.input_keys, inputs, strict=True)}
@@ -225,7 +231,15 @@ class _Responder:
                 x = {k: t.detach().requires_grad_(True) for k, t in zip(self.input_keys, inputs, strict=True)}
             level = self.level
             context = HypergradContext(
-                level.name, self.objective, w, x, v, level.config, level.optimizer, create_graph=create_graph
+                level.name,
+                self.objective,
+                w,
+                x,
+                v,
+                level.config,
+                level.optimizer,
+                create_graph=create_graph,
+                matvec_wrap=level.matvec_wrap,
             )
             pushed, info = level.method.push(context)
         self.record.add(info)
