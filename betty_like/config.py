@@ -163,6 +163,8 @@ class EngineConfig:
         precision: ``"fp32"``, or forwards under autocast in ``"bf16"`` / ``"fp16"``; parameters,
             gradients and hypergradient arithmetic stay fp32 (:mod:`betty_like.precision`).
         loss_scale: the initial loss scale under fp16 (halved on each overflow, doubled after 2000 good steps).
+        distributed: data parallel over the initialised process group or torchrun's (``None``: on
+            when ``WORLD_SIZE`` > 1 or a process group exists); see :mod:`betty_like.distributed`.
     """
 
     train_iters: int = 1000
@@ -172,6 +174,7 @@ class EngineConfig:
     log_every: int = 10
     precision: str = "fp32"
     loss_scale: float = 2.0**16
+    distributed: bool | None = None
 
     def __post_init__(self) -> None:
         owner = "EngineConfig"

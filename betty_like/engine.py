@@ -30,9 +30,10 @@ from torch import Tensor
 
 from ._functional import ProblemModules
 from ._run_state import ProblemStatus, Record, Schedule, Window, random_states, restore_random_states
-from ._setup import Setup, set_up
+from ._setup import set_up
 from ._user_code import call_user, checked_loss
 from .config import EngineConfig
+from .distributed import DataParallel
 from .execution import ExecutionChoice, plan_executions
 from .graph import Graph
 from .hypergrad import HypergradInfo, Level, Program, hypergradient
@@ -89,8 +90,11 @@ class Engine:
         self.problems: dict[str, Problem] = {p.name: p for p in problems}
         self.graph = Graph(names, dependencies)
         self.device = torch.device(self.config.device) if self.config.device is not None else None
-        self._setups: dict[str, Setup] = {p.name: set_up(p, self.graph, self.problems, self.device) for p in problems}
+        self._dist = DataParallel(self.config.distributed, self.device)
+        shard = self._dist.shard if self._dist.active else None
+        self._setups = {p.name: set_up(p, self.graph, self.problems, self.device, shard) for p in problems}
         self._modules = ProblemModules({n: p.module for n, p in self.problems.items()})
+        self._dist.broadcast(p.module for p in problems)
         kind = device_type(self.device, [p.module for p in problems])
         self._precision = Precision(self.config.precision, kind, self.config.loss_scale)
         for p in problems:
@@ -152,8 +156,8 @@ class Engine:
                 setup.problem.config,
                 setup.functional,
                 window is not None,
-                self._precision.push_scope(setup.problem.config),
-                self._precision.matvec_wrap(),
+                self._dist.push_wrap(self._precision.push_wrap(setup.problem.config)),
+                self._dist.matvec_wrap(self._precision.matvec_wrap()),
             )
         return Program(self.graph, levels)
 
@@ -262,20 +266,24 @@ class Engine:
     # ------------------------------------------------------------------ the step pipeline
     def _compute(self, name: str) -> StepOutcome:
         """Loss, gradient and commit of ``name``'s next step at the current state (nothing changes yet)."""
-        setup, s = self._setups[name], self._precision.scale
+        setup = self._setups[name]
         if setup.unrolls and self._schedule[name].steps >= setup.problem.config.warmup_steps:
             return self._unrolled(name)
         with self._precision.forward():
             if self.graph.lowers(name):
                 result = hypergradient(self.program(scaled=name), name)
-                gradient = {k: g.detach() / s for k, g in result.gradient.items()} if s != 1.0 else detach(result.gradient)
-                return StepOutcome(result.loss / s, gradient, partial(self._apply, name), result.infos, result.warnings)
+                loss, gradient = self._global(result.loss.detach(), detach(result.gradient))
+                return StepOutcome(loss, gradient, partial(self._apply, name), result.infos, result.warnings)
             values = None if all(w is None for w in self._windows.values()) else self.current_params()
-            loss = self._loss(name, self._batches[name], values)
+            loss = self._bound_loss(name, self._precision.scale, values)
             keys = list(setup.leaves)
-            grads = torch.autograd.grad(loss * s if s != 1.0 else loss, [setup.leaves[k] for k in keys], allow_unused=True)
-        gradient = {k: g / s if s != 1.0 else g for k, g in zip(keys, grads, strict=True) if g is not None}
+            grads = torch.autograd.grad(loss, [setup.leaves[k] for k in keys], allow_unused=True)
+        loss, gradient = self._global(loss.detach(), {k: g for k, g in zip(keys, grads, strict=True) if g is not None})
         return StepOutcome(loss, gradient, partial(self._apply, name))
+
+    def _global(self, loss: Tensor, gradient: Params) -> tuple[Tensor, Params]:
+        """A step's loss and gradient unscaled (fp16) and summed over ranks (data parallel)."""
+        return self._dist.reduce(*self._precision.unscale(loss, gradient))
 
     def _unrolled(self, name: str) -> StepOutcome:
         """A differentiable step: the next window keeps its graph to the parameters it read."""
@@ -285,9 +293,7 @@ class Engine:
         with self._precision.forward(setup.problem.config, second_order=keep):
             program = self.program(copies=keep, scaled=name)
             result, origin = window_gradient(program, name, window.params, keep, setup.method.through_w)
-        if self._precision.scale != 1.0:
-            s = self._precision.scale
-            result.loss, result.gradient = result.loss / s, {k: g / s for k, g in result.gradient.items()}
+        result.loss, result.gradient = self._global(result.loss.detach(), result.gradient)
 
         def commit(gradient: Params) -> None:
             params, state = setup.functional.step(origin, gradient, window.state)
@@ -369,8 +375,9 @@ class Engine:
 
     def _loss(self, name: str, batch: Any, values: Params | None) -> Tensor:
         step = self.problems[name].training_step
-        loss = call_user(name, "training_step", self._modules, values, step, batch)
-        return checked_loss(name, loss, self.iteration + 1)  # the iteration in progress, 1-based
+        loss = checked_loss(name, call_user(name, "training_step", self._modules, values, step, batch), self.iteration + 1)
+        share = self._setups[name].stream.share  # this rank's part of the global batch (data parallel)
+        return loss * share if share != 1.0 else loss
 
     def _loss_value(self, name: str, loss: Tensor) -> float | None:
         """The loss as a float (one host sync, shared with logging), or None if the step is to be skipped."""

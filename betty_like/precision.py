@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .hypergrad._linsolve import MatVec
 from .hypergrad._tree import Params, norm, scale
@@ -46,8 +47,8 @@ def unit_norm(matvec: MatVec) -> MatVec:
     return product
 
 
-def _identity(matvec: MatVec) -> MatVec:
-    return matvec
+def _identity(function: Any) -> Any:
+    return function
 
 
 class LossScaler:
@@ -99,15 +100,28 @@ class Precision:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def push_scope(self, config: Any) -> Callable[[], AbstractContextManager]:
-        """What a push of a problem with ``config`` runs under: autocast off for ``hvp_precision="fp32"``."""
+    def push_wrap(self, config: Any) -> Callable[[Callable], Callable]:
+        """A push of a problem with ``config`` runs with autocast off under ``hvp_precision="fp32"``."""
         if self.dtype is None or config.hvp_precision != "fp32":
-            return nullcontext
-        return lambda: torch.autocast(self.device_type, enabled=False)
+            return _identity
+
+        def wrap(push: Callable) -> Callable:
+            def full_precision(ctx: Any) -> Any:
+                with torch.autocast(self.device_type, enabled=False):
+                    return push(ctx)
+
+            return full_precision
+
+        return wrap
 
     def matvec_wrap(self) -> Callable[[MatVec], MatVec]:
         """Applied to every Hessian-vector product: unit-norm directions under fp16."""
         return unit_norm if self.scaler is not None else _identity
+
+    def unscale(self, loss: Tensor, gradient: Params) -> tuple[Tensor, Params]:
+        """A scaled loss and its gradient divided back by the loss scale (a graph, if any, is kept)."""
+        s = self.scale
+        return (loss, gradient) if s == 1.0 else (loss / s, {k: g / s for k, g in gradient.items()})
 
     def accept(self, name: str, gradient: Params) -> bool:
         """Whether the step of ``name`` may commit ``gradient``: always, except an fp16 overflow."""

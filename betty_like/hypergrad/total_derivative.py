@@ -24,7 +24,6 @@ composes to any depth. ``nested="partial"`` holds the lower solutions fixed inst
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +55,7 @@ class Level:
         optimizer: a pure view of its optimizer.
         window: ``params`` are an open unrolled window whose graph carries the dependence on the
             parameters its steps read.
-        push_scope: what a push through its solution runs under (fp32 HVPs under autocast: no autocast).
+        push_wrap: applied to its method's push (precision scope, cross-process reduction of the pushed vectors).
         matvec_wrap: applied to every Hessian-vector product of its pushes (precision, reduction).
     """
 
@@ -67,7 +66,7 @@ class Level:
     config: Any
     optimizer: FunctionalOptimizer
     window: bool = False
-    push_scope: Callable[[], AbstractContextManager] = nullcontext
+    push_wrap: Callable[[Callable], Callable] = _identity
     matvec_wrap: Callable[[MatVec], MatVec] = _identity
 
 
@@ -222,7 +221,7 @@ class _Responder:
     def push(self, v: Params, inputs: list[Tensor], outputs: list[Tensor]) -> list[Tensor]:
         """``v^T dw*/dx`` at the current solution, differentiable when the caller builds a graph."""
         create_graph = torch.is_grad_enabled()
-        with torch.enable_grad(), self.level.push_scope():
+        with torch.enable_grad():
             if create_graph:  # aliases: partial derivatives here, the full chain rule beyond them
                 w = {k: t.view_as(t) for k, t in zip(self.output_keys, outputs, strict=True)}
                 x = {k: t.view_as(t) for k, t in zip(self.input_keys, inputs, strict=True)}
@@ -241,7 +240,7 @@ class _Responder:
                 create_graph=create_graph,
                 matvec_wrap=level.matvec_wrap,
             )
-            pushed, info = level.method.push(context)
+            pushed, info = level.push_wrap(level.method.push)(context)
         self.record.add(info)
         return [pushed[k] if create_graph else pushed[k].detach() for k in self.input_keys]
 
