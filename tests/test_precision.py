@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
+from test_digits_agreement import L2, Validation, WeightedMLP
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from toy import bilevel
@@ -19,23 +20,6 @@ from betty_like import Engine, EngineConfig, Problem, ProblemConfig
 from betty_like.hypergrad import total_derivative
 from betty_like.hypergrad._linsolve import conjugate_gradient
 from betty_like.precision import unit_norm
-
-L2 = 1e-2
-
-
-class WeightedMLP(Problem):
-    def training_step(self, batch):
-        x, y = batch
-        weights = torch.sigmoid(self.weights.module.logits)
-        losses = F.cross_entropy(self.module(x), y, reduction="none")
-        penalty = sum((p**2).sum() for p in self.module.parameters())
-        return (weights * losses).mean() + 0.5 * L2 * penalty
-
-
-class Validation(Problem):
-    def training_step(self, batch):
-        x, y = batch
-        return F.cross_entropy(self.mlp(x), y)
 
 
 class Logits(nn.Module):
