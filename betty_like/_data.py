@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,20 +23,26 @@ class BatchStream:
     """Cycles a problem's data: re-iterates it when exhausted, and says clearly when it cannot.
 
     A re-iterable (list, DataLoader) is cycled; a one-shot iterator (a generator) is used until it
-    ends, and then raises instead of hanging or silently repeating nothing.
+    ends, and then raises instead of hanging or silently repeating nothing. Under data parallel,
+    ``shard`` cuts each global batch to this rank's part; ``share`` is that part's fraction of the
+    last batch given.
     """
 
-    def __init__(self, owner: str, data: Any, device: torch.device | None) -> None:
+    def __init__(
+        self, owner: str, data: Any, device: torch.device | None, shard: Callable[[Any], tuple[Any, float]] | None = None
+    ) -> None:
         self.owner = owner
         self.data = data
         self.device = device
+        self.shard = shard
+        self.share = 1.0
         self._iterator: Iterator[Any] | None = None
-        self._returned: list[Any] = []
+        self._returned: list[tuple[Any, float]] = []
         self.drawn = 0  # batches taken and not put back: the position a checkpoint stores
 
     def put_back(self, batch: Any) -> None:
         """Return a batch whose step did not happen (an exception or interrupt): :meth:`next` gives it again."""
-        self._returned.append(batch)
+        self._returned.append((batch, self.share))
         self.drawn -= 1
 
     def skip(self, count: int, iteration: int) -> Any:
@@ -47,10 +53,17 @@ class BatchStream:
         return batch
 
     def next(self, iteration: int) -> Any:
-        """The next batch; ``iteration`` only serves the error messages."""
+        """The next batch (this rank's part of it); ``iteration`` only serves the error messages."""
         self.drawn += 1
         if self._returned:
-            return self._returned.pop()
+            batch, self.share = self._returned.pop()
+            return batch
+        batch = self._next(iteration)
+        if self.shard is not None:
+            batch, self.share = self.shard(batch)
+        return batch
+
+    def _next(self, iteration: int) -> Any:
         if self.data is None:
             raise ValueError(f"problem {self.owner!r} has no data: pass data=<an iterable of batches>")
         for attempt in range(2):

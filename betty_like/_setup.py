@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,7 +58,9 @@ def check_problems(problems: Iterable[Problem]) -> list[Problem]:
     return problems
 
 
-def set_up(p: Problem, graph: Graph, problems: dict[str, Problem], device: torch.device | None) -> Setup:
+def set_up(
+    p: Problem, graph: Graph, problems: dict[str, Problem], device: torch.device | None, shard: Any = None
+) -> Setup:
     if p.module is None or p.optimizer is None:
         missing = "module" if p.module is None else "optimizer"
         raise ValueError(
@@ -96,7 +99,7 @@ def set_up(p: Problem, graph: Graph, problems: dict[str, Problem], device: torch
         p.optimizer, by_id, p.name, differentiable=bool(served) and method.steps_optimizer
     )
     patience = max((problems[r].config.step_every for r in graph.readers(p.name)), default=1)
-    stream = BatchStream(p.name, p.data, device)
+    stream = BatchStream(p.name, p.data, device, shard)
     return Setup(p, method, leaves, functional, unrolls, p.config.unroll_steps * patience, stream)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._functional import ProblemModules, call_with
@@ -39,3 +41,36 @@ def checked_loss(owner: str, loss: Any, iteration: int) -> Tensor:
             f"{iteration}; return a scalar, e.g. loss.mean()"
         )
     return loss if loss.dim() == 0 else loss.reshape(())
+
+
+def finite_loss(
+    owner: str, loss: Tensor, policy: str, iteration: int, steps: int, warn_once: Callable[[str, str], None]
+) -> float | None:
+    """``loss`` as a float, or ``None`` when it is not finite and ``policy`` is ``"skip"``; else an error with the fix."""
+    value = float(loss.detach())
+    if math.isfinite(value):
+        return value
+    if policy == "skip":
+        warn_once(f"skip:{owner}", f"problem {owner!r}: non-finite loss, skipping its steps (see status().skipped)")
+        return None
+    raise FloatingPointError(
+        f"problem {owner!r}: training_step returned {value} at iteration {iteration} (its step {steps}); fix the "
+        "loss, lower the learning rate, or set ProblemConfig(on_nonfinite='skip')"
+    )
+
+
+def validation_metrics(
+    problems: Mapping[str, Any], modules: ProblemModules, params: Mapping[str, Tensor]
+) -> dict[str, dict[str, float]]:
+    """Every problem's optional ``validation_step()`` (no arguments, a dict of floats) at ``params``."""
+    results = {}
+    for name, problem in problems.items():
+        step = getattr(problem, "validation_step", None)
+        if step is None:
+            continue
+        with torch.no_grad():
+            metrics = call_user(name, "validation_step", modules, params, step)
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"problem {name!r}: validation_step must return a dict of metrics, got {type(metrics).__name__}")
+        results[name] = {k: float(v) for k, v in metrics.items()}
+    return results

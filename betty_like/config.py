@@ -18,6 +18,8 @@ UNROLL_MEMORY = ("graph", "remat")
 DARTS_SCALES = ("lr", "identity")
 NONFINITE_POLICIES = ("raise", "skip")
 EXECUTIONS = ("eager", "compiled", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16")
+HVP_PRECISIONS = ("fp32", "autocast")
 
 
 def _require(condition: bool, owner: str, field: str, value: object, fix: str) -> None:
@@ -78,6 +80,10 @@ class ProblemConfig:
             forward, backward and update captured once per batch shape and replayed
             (:mod:`betty_like.execution`); or ``auto``, which times both on the first steps
             and keeps the faster. Steps that take a hypergradient or keep a graph for one stay eager.
+        hvp_precision: under ``EngineConfig(precision="bf16"|"fp16")``, the precision of what
+            differentiates this problem's solution: ``"fp32"`` (its loss evaluated again without
+            autocast for Hessian-vector products, finite differences and kept unrolled graphs:
+            default) or ``"autocast"`` (the low-precision graph itself: cheaper, less accurate).
     """
 
     hypergrad: str = "unroll"
@@ -97,6 +103,7 @@ class ProblemConfig:
     on_nonfinite: str = "raise"
     backends: dict[str, Policy] = field(default_factory=dict)
     execution: str = "eager"
+    hvp_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         owner = "ProblemConfig"
@@ -107,7 +114,12 @@ class ProblemConfig:
             self.hypergrad,
             f"choose one of {list(METHODS)}",
         )
-        for name, choices in (("nested", NESTED_RULES), ("darts_scale", DARTS_SCALES), ("unroll_memory", UNROLL_MEMORY)):
+        for name, choices in (
+            ("nested", NESTED_RULES),
+            ("darts_scale", DARTS_SCALES),
+            ("unroll_memory", UNROLL_MEMORY),
+            ("hvp_precision", HVP_PRECISIONS),
+        ):
             value = getattr(self, name)
             _require(value in choices, owner, name, value, f"choose one of {list(choices)}")
         for name in ("unroll_steps", "iterations", "step_every"):
@@ -173,6 +185,11 @@ class EngineConfig:
         keep_checkpoints: how many of the newest checkpoints to keep.
         resume: continue from a checkpoint file, or ``"latest"`` in ``checkpoint_dir`` (a fresh start
             if there is none yet), at the start of ``run``.
+        precision: ``"fp32"``, or forwards under autocast in ``"bf16"`` / ``"fp16"``; parameters,
+            gradients and hypergradient arithmetic stay fp32 (:mod:`betty_like.precision`).
+        loss_scale: the initial loss scale under fp16 (halved on each overflow, doubled after 2000 good steps).
+        distributed: data parallel over the initialised process group or torchrun's (``None``: on
+            when ``WORLD_SIZE`` > 1 or a process group exists); see :mod:`betty_like.distributed`.
     """
 
     train_iters: int = 1000
@@ -187,6 +204,9 @@ class EngineConfig:
     checkpoint_dir: str | None = None
     keep_checkpoints: int = 3
     resume: str | None = None
+    precision: str = "fp32"
+    loss_scale: float = 2.0**16
+    distributed: bool | None = None
 
     def loggers(self) -> list[str]:
         """The logger kinds named by ``logger``, in order (empty for ``"none"``)."""
@@ -194,6 +214,14 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         owner = "EngineConfig"
+        _require(self.precision in PRECISIONS, owner, "precision", self.precision, f"choose one of {list(PRECISIONS)}")
+        _require(
+            isinstance(self.loss_scale, (int, float)) and 0 < self.loss_scale < float("inf"),
+            owner,
+            "loss_scale",
+            self.loss_scale,
+            "use a finite number > 0",
+        )
         _positive_int(owner, "train_iters", self.train_iters)
         _positive_int(owner, "log_every", self.log_every)
         _require(

@@ -17,7 +17,6 @@ come from the traversal in :mod:`betty_like.hypergrad`, handed an immutable :cla
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -30,11 +29,12 @@ from torch import Tensor
 
 from ._functional import ProblemModules
 from ._run_state import ProblemStatus, Record, Schedule, Window, random_states, restore_random_states
-from ._setup import Setup, check_problems, set_up
-from ._user_code import call_user, checked_loss
+from ._setup import check_problems, set_up
+from ._user_code import call_user, checked_loss, finite_loss, validation_metrics
 from .callbacks import Callback, Callbacks
 from .checkpoint import checkpoint_policies
 from .config import EngineConfig
+from .distributed import DataParallel
 from .execution import ExecutionChoice, plan_executions
 from .graph import Graph
 from .hypergrad import HypergradInfo, Level, Program, hypergradient
@@ -42,6 +42,7 @@ from .hypergrad._tree import detach
 from .hypergrad.unroll import WindowStep, keeps_graph, rematerialized, window_gradient
 from .logging import Metrics, log_policies
 from .optim import Params, clip_grad_norm
+from .precision import Precision, device_type
 from .problem import Problem
 
 log = logging.getLogger("betty_like")
@@ -84,8 +85,16 @@ class Engine:
         self.problems: dict[str, Problem] = {p.name: p for p in problems}
         self.graph = Graph(names, dependencies)
         self.device = torch.device(self.config.device) if self.config.device is not None else None
-        self._setups: dict[str, Setup] = {p.name: set_up(p, self.graph, self.problems, self.device) for p in problems}
+        self._dist = DataParallel(self.config.distributed, self.device)
+        shard = self._dist.shard if self._dist.active else None
+        self._setups = {p.name: set_up(p, self.graph, self.problems, self.device, shard) for p in problems}
         self._modules = ProblemModules({n: p.module for n, p in self.problems.items()})
+        self._dist.broadcast(p.module for p in problems)
+        kind = device_type(self.device, [p.module for p in problems])
+        self._precision = Precision(self.config.precision, kind, self.config.loss_scale)
+        remat = [n for n, p in self.problems.items() if p.config.unroll_memory == "remat"]
+        if remat and (self._dist.active or self.config.precision == "fp16"):  # the replayed step has no scaler or all-reduce
+            raise ValueError(f"problems {remat}: unroll_memory='remat' is not supported with fp16 or data parallel yet; use 'graph'")
         for p in problems:
             p._engine = self
         self.iteration = 0
@@ -102,7 +111,6 @@ class Engine:
         self.callbacks = Callbacks([*callbacks, *policies])
         self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once)
 
-    # ------------------------------------------------------------------ what users read
     def status(self, name: str) -> ProblemStatus:
         """A read-only view of problem ``name``: steps, last loss, last gradient, solver diagnostics."""
         if name not in self.problems:
@@ -122,13 +130,14 @@ class Engine:
         execution = self._executions.get(name)
         return dict(execution.choices) if execution is not None else {}
 
-    def program(self, copies: bool = False, bind_batches: bool = False) -> Program:
+    def program(self, copies: bool = False, scaled: str | None = None, bind_batches: bool = False) -> Program:
         """An immutable snapshot of every level for the traversal (:func:`betty_like.hypergrad.hypergradient`).
 
         With ``copies`` the leaves of problems without a window enter as copies (still differentiable
         to the leaves): a graph kept by an unrolled step then survives their in-place optimizer steps.
-        With ``bind_batches`` each loss keeps the batch its problem holds now (a step replayed later
-        must see the same data); otherwise it reads the problem's batch when it runs.
+        ``scaled`` names the problem whose loss enters multiplied by the fp16 loss scale. With
+        ``bind_batches`` each loss keeps the batch its problem holds now (a step replayed later must
+        see the same data); otherwise it reads the problem's batch when it runs.
         """
         current = self.current_params()
         levels = {}
@@ -139,17 +148,21 @@ class Engine:
             levels[name] = Level(
                 name,
                 {k: current[k].clone() if copies and window is None else current[k] for k in setup.leaves},
-                partial(self._loss, name, self._batches[name])
-                if bind_batches and name in self._batches
-                else partial(self._bound_loss, name),
+                partial(
+                    self._bound_loss,
+                    name,
+                    self._precision.scale if name == scaled else 1.0,
+                    batch=self._batches.get(name) if bind_batches else None,
+                ),
                 setup.method,
                 setup.problem.config,
                 setup.functional,
                 window is not None,
+                self._dist.push_wrap(self._precision.push_wrap(setup.problem.config)),
+                self._dist.matvec_wrap(self._precision.matvec_wrap()),
             )
         return Program(self.graph, levels)
 
-    # ------------------------------------------------------------------ running
     def run(self, iterations: int | None = None) -> Engine:
         """Run until ``config.train_iters`` iterations are done, or ``iterations`` more; returns self.
 
@@ -196,23 +209,12 @@ class Engine:
 
     def validate(self) -> dict[str, dict[str, float]]:
         """Call every problem's optional ``validation_step()`` (no arguments, returns a dict of floats)."""
-        results = {}
-        for name, problem in self.problems.items():
-            step = getattr(problem, "validation_step", None)
-            if step is None:
-                continue
-            with torch.no_grad():
-                metrics = call_user(name, "validation_step", self._modules, self.current_params(), step)
-            if not isinstance(metrics, Mapping):
-                raise TypeError(
-                    f"problem {name!r}: validation_step must return a dict of metrics, got {type(metrics).__name__}"
-                )
-            results[name] = {k: float(v) for k, v in metrics.items()}
-            self.validation_history.append({"iteration": self.iteration, "problem": name, **results[name]})
+        results = validation_metrics(self.problems, self._modules, self.current_params())
+        for name, metrics in results.items():
+            self.validation_history.append({"iteration": self.iteration, "problem": name, **metrics})
         self.callbacks.call("on_validation_end", self, results)
         return results
 
-    # ------------------------------------------------------------------ waves
     def _run_wave(self, names: list[str]) -> list[list[str]]:
         """Step the due problems of ``names`` as one transaction; returns the waves their reports make due."""
         due = [n for n in names if (self._schedule[n].rounds + 1) % self.problems[n].config.step_every == 0]
@@ -262,21 +264,26 @@ class Engine:
         drawn.append((name, batch))
         self._batches[name] = batch
 
-    # ------------------------------------------------------------------ the step pipeline
     def _compute(self, name: str) -> StepOutcome:
         """Loss, gradient and commit of ``name``'s next step at the current state (nothing changes yet)."""
         setup = self._setups[name]
         if setup.unrolls and self._schedule[name].steps >= setup.problem.config.warmup_steps:
             return self._unrolled(name)
-        if self.graph.lowers(name):
-            result = hypergradient(self.program(), name)
-            return StepOutcome(result.loss, detach(result.gradient), partial(self._apply, name), result.infos, result.warnings)
-        values = None if all(w is None for w in self._windows.values()) else self.current_params()
-        loss = self._loss(name, self._batches[name], values)
-        keys = list(setup.leaves)
-        grads = torch.autograd.grad(loss, [setup.leaves[k] for k in keys], allow_unused=True)
-        gradient = {k: g for k, g in zip(keys, grads, strict=True) if g is not None}
+        with self._precision.forward():
+            if self.graph.lowers(name):
+                result = hypergradient(self.program(scaled=name), name)
+                loss, gradient = self._global(result.loss.detach(), detach(result.gradient))
+                return StepOutcome(loss, gradient, partial(self._apply, name), result.infos, result.warnings)
+            values = None if all(w is None for w in self._windows.values()) else self.current_params()
+            loss = self._bound_loss(name, self._precision.scale, values)
+            keys = list(setup.leaves)
+            grads = torch.autograd.grad(loss, [setup.leaves[k] for k in keys], allow_unused=True)
+        loss, gradient = self._global(loss.detach(), {k: g for k, g in zip(keys, grads, strict=True) if g is not None})
         return StepOutcome(loss, gradient, partial(self._apply, name))
+
+    def _global(self, loss: Tensor, gradient: Params) -> tuple[Tensor, Params]:
+        """A step's loss and gradient unscaled (fp16) and summed over ranks (data parallel)."""
+        return self._dist.reduce(*self._precision.unscale(loss, gradient))
 
     def _unrolled(self, name: str) -> StepOutcome:
         """A differentiable step: the next window keeps its graph (or, rematerialized, its inputs) to what it read."""
@@ -284,14 +291,16 @@ class Engine:
         window = self._window(name)
         keep = keeps_graph(config.truncate, window.steps + 1, setup.period)
         remat = keep and config.unroll_memory == "remat"
-        program = self.program(copies=keep, bind_batches=remat)
-        if remat:
-            step = WindowStep(program, name, window.params, window.state, setup.functional, config.grad_clip, setup.method.through_w)
-            result, params, state = rematerialized(step, list(self._modules.buffers()))
-            commit = partial(self._advance_window, name, lambda _: (params, state))
-            return StepOutcome(result.loss, detach(result.gradient), commit, result.infos, result.warnings)
-        result, origin = window_gradient(program, name, window.params, keep, setup.method.through_w)
-        commit = partial(self._advance_window, name, lambda gradient: setup.functional.step(origin, gradient, window.state))
+        with self._precision.forward(config, second_order=keep):
+            program = self.program(copies=keep, scaled=name, bind_batches=remat)
+            if remat:
+                step = WindowStep(program, name, window.params, window.state, setup.functional, config.grad_clip, setup.method.through_w)
+                result, params, state = rematerialized(step, list(self._modules.buffers()))
+                commit = partial(self._advance_window, name, lambda _: (params, state))
+            else:
+                result, origin = window_gradient(program, name, window.params, keep, setup.method.through_w)
+                commit = partial(self._advance_window, name, lambda g: setup.functional.step(origin, g, window.state))
+        result.loss, result.gradient = self._global(result.loss.detach(), result.gradient)
         return StepOutcome(result.loss, result.gradient, commit, result.infos, result.warnings)
 
     def _advance_window(self, name: str, step: Callable[[Params], tuple[Params, Any]], gradient: Params) -> None:
@@ -314,7 +323,7 @@ class Engine:
     def _finish(self, name: str, outcome: StepOutcome, value: float | None) -> bool:
         """Clip, commit, step the scheduler, record; returns whether the step was taken (not skipped)."""
         problem, record = self.problems[name], self._records[name]
-        if value is None:
+        if value is None or not self._precision.accept(name, outcome.gradient):
             record.skipped += 1
             return False
         clip = problem.config.grad_clip
@@ -354,7 +363,6 @@ class Engine:
                 self._setups[dependent].functional.write_back(window.state)
                 self._windows[dependent] = None
 
-    # ------------------------------------------------------------------ losses, batches, windows
     def _window(self, name: str) -> Window | None:
         """``name``'s open window, opened from its weights if it unrolls past its warm-up."""
         setup = self._setups[name]
@@ -365,32 +373,25 @@ class Engine:
             self._windows[name] = Window(weights, setup.functional.state)
         return self._windows[name]
 
-    def _bound_loss(self, name: str, values: Params) -> Tensor:
-        """``name``'s loss on its current batch (drawn now if it has none) at ``values``."""
-        if name not in self._batches:
+    def _bound_loss(self, name: str, loss_scale: float, values: Params, batch: Any = None) -> Tensor:
+        """``name``'s loss on ``batch`` (default: its current one, drawn now if it has none) at ``values``, times ``loss_scale``."""
+        if batch is None and name not in self._batches:
             self._batches[name] = self._setups[name].stream.next(self.iteration + 1)
-        return self._loss(name, self._batches[name], values)
+        loss = self._loss(name, self._batches[name] if batch is None else batch, values)
+        return loss * loss_scale if loss_scale != 1.0 else loss
 
     def _loss(self, name: str, batch: Any, values: Params | None) -> Tensor:
         step = self.problems[name].training_step
         with self.metrics.evaluating(name) as capturing:
             out = call_user(name, "training_step", self._modules, values, step, batch)
-            loss = self.metrics.split(name, out, capturing)
-        return checked_loss(name, loss, self.iteration + 1)  # the iteration in progress, 1-based
+            loss = checked_loss(name, self.metrics.split(name, out, capturing), self.iteration + 1)
+        share = self._setups[name].stream.share  # this rank's part of the global batch (data parallel)
+        return loss * share if share != 1.0 else loss
 
     def _loss_value(self, name: str, loss: Tensor) -> float | None:
         """The loss as a float (one host sync, shared with logging), or None if the step is to be skipped."""
-        value = float(loss.detach())
-        if math.isfinite(value):
-            return value
-        if self.problems[name].config.on_nonfinite == "skip":
-            self._warn_once(f"skip:{name}", f"problem {name!r}: non-finite loss, skipping its steps (see status().skipped)")
-            return None
-        raise FloatingPointError(
-            f"problem {name!r}: training_step returned {value} at iteration {self.iteration + 1} (its step "
-            f"{self._schedule[name].steps}); fix the loss, lower the learning rate, or set "
-            "ProblemConfig(on_nonfinite='skip')"
-        )
+        policy = self.problems[name].config.on_nonfinite
+        return finite_loss(name, loss, policy, self.iteration + 1, self._schedule[name].steps, self._warn_once)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

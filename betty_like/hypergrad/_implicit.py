@@ -50,10 +50,10 @@ def root_push(
     def vjp_w(u: Params, create_graph: bool) -> Params:
         return grads(outputs, ctx.w, grad_outputs=[u[k] for k in keys], retain_graph=True, create_graph=create_graph)
 
-    operator = _damped(vjp_w, ctx.config.damping)
+    def product(u: Params, create_graph: bool) -> Params:  # precision and cross-process sums wrap the product itself
+        return ctx.matvec_wrap(partial(vjp_w, create_graph=create_graph))(u)
 
-    def matvec(u: Params, create_graph: bool) -> Params:
-        return ctx.matvec_wrap(partial(operator, create_graph=create_graph))(u)
+    matvec = _damped(product, ctx.config.damping)
 
     system = LinearSystem(matvec, matvec if symmetric else transpose(matvec, ctx.v), solver)
     with torch.set_grad_enabled(ctx.create_graph):

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ._context import HypergradContext, HypergradInfo
+from ._context import HypergradContext, HypergradInfo, _identity
+from ._linsolve import MatVec
 from ._method import Method
 from ._tree import Params, grads
 
@@ -54,6 +55,8 @@ class Level:
         optimizer: a pure view of its optimizer.
         window: ``params`` are an open unrolled window whose graph carries the dependence on the
             parameters its steps read.
+        push_wrap: applied to its method's push (precision scope, cross-process reduction of the pushed vectors).
+        matvec_wrap: applied to every Hessian-vector product of its pushes (precision, reduction).
     """
 
     name: str
@@ -63,6 +66,8 @@ class Level:
     config: Any
     optimizer: FunctionalOptimizer
     window: bool = False
+    push_wrap: Callable[[Callable], Callable] = _identity
+    matvec_wrap: Callable[[MatVec], MatVec] = _identity
 
 
 @dataclass(frozen=True)
@@ -225,9 +230,17 @@ class _Responder:
                 x = {k: t.detach().requires_grad_(True) for k, t in zip(self.input_keys, inputs, strict=True)}
             level = self.level
             context = HypergradContext(
-                level.name, self.objective, w, x, v, level.config, level.optimizer, create_graph=create_graph
+                level.name,
+                self.objective,
+                w,
+                x,
+                v,
+                level.config,
+                level.optimizer,
+                create_graph=create_graph,
+                matvec_wrap=level.matvec_wrap,
             )
-            pushed, info = level.method.push(context)
+            pushed, info = level.push_wrap(level.method.push)(context)
         self.record.add(info)
         return [pushed[k] if create_graph else pushed[k].detach() for k in self.input_keys]
 

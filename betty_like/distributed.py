@@ -1,0 +1,153 @@
+"""Data parallel with exact hypergradients: N processes give the one-process result on the same global batch.
+
+PyTorch's DDP wrapper reduces ``.grad`` in ``backward()`` hooks: it never sees ``autograd.grad``
+results and refuses ``create_graph=True``, so it cannot carry a hypergradient. Here every reduction is
+explicit and the arithmetic is that of one process:
+
+- each global batch is split by rank (``tensor_split`` along dim 0, no padding duplicates), and every
+  loss is multiplied by its shard's share ``n_rank / n_global``, so the *sum* over ranks of every
+  loss, gradient, Hessian-vector product and mixed derivative is its global value;
+- a step's gradient (and its loss, for the record) is sum-all-reduced in one flat buffer; an unrolled
+  step's gradient by a differentiable all-reduce (its backward is the same all-reduce);
+- a push sum-reduces the vector it is given, every Hessian-vector product of its solve (through the
+  traversal's ``matvec_wrap``) and the pushed vector, so every rank solves the same system and
+  stops at the same iteration; the pushed vector then enters each rank's gradient divided by the
+  world size, which the step's reduction sums back.
+
+Betty's scheme (each rank solves its own system with its local gradient, results averaged) is 30 %
+to 510 % off on the digits MLP (issue 18). BatchNorm keeps per-rank statistics (SyncBatchNorm has no
+double backward). Multi-node runs are torchrun's (``--nnodes``, ``--rdzv-endpoint``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .hypergrad._linsolve import MatVec
+from .hypergrad._tree import Params
+
+
+class _AllReduce(torch.autograd.Function):
+    """Sum over ranks; its vector-Jacobian product is the same sum."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _AllReduce.apply(grad)
+
+
+def _flat_sum(tensors: list[Tensor]) -> list[Tensor]:
+    """One all-reduce for a list of tensors (flattened into one fp32-or-wider buffer)."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start : start + t.numel()].view_as(t).to(t.dtype))
+        start += t.numel()
+    return out
+
+
+class DataParallel:
+    """The engine's view of the process group: shards, shares and the reductions. Inactive in one process."""
+
+    def __init__(self, enabled: bool | None, device: torch.device | None) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.active = (world > 1 or dist.is_initialized()) if enabled is None else enabled
+        if self.active and not dist.is_initialized():
+            cuda = device is not None and device.type == "cuda"
+            dist.init_process_group("nccl" if cuda else "gloo")
+        self.world = dist.get_world_size() if self.active else 1
+        self.rank = dist.get_rank() if self.active else 0
+
+    def broadcast(self, modules: Iterable[torch.nn.Module]) -> None:
+        """Rank 0's parameters and buffers everywhere: every rank starts from the same state."""
+        if not self.active:
+            return
+        with torch.no_grad():
+            for module in modules:
+                for t in [*module.parameters(), *module.buffers()]:
+                    dist.broadcast(t, 0)
+
+    def shard(self, batch: Any) -> tuple[Any, float]:
+        """This rank's part of a global batch and its share ``n_rank / n_global`` (1.0 in one process)."""
+        if not self.active:
+            return batch, 1.0
+        sizes = []
+
+        def split(b: Any) -> Any:
+            if torch.is_tensor(b) and b.dim() > 0:
+                sizes.append(b.shape[0])
+                return torch.tensor_split(b, self.world)[self.rank]
+            if isinstance(b, (list, tuple)):
+                return type(b)(split(x) for x in b)
+            if isinstance(b, dict):
+                return {k: split(v) for k, v in b.items()}
+            return b
+
+        local = split(batch)
+        if not sizes:
+            raise ValueError("data parallel needs batches holding tensors with a batch dimension (dim 0) to split")
+        total = sizes[0]
+        return local, _share(total, self.world, self.rank)
+
+    def reduce(self, loss: Tensor, gradient: Params) -> tuple[Tensor, Params]:
+        """The global loss and gradient from this rank's shares: one flat sum (differentiable if it has a graph)."""
+        if not self.active:
+            return loss, gradient
+        keys = list(gradient)
+        if any(g.requires_grad for g in gradient.values()):
+            return _flat_sum([loss])[0], {k: _AllReduce.apply(gradient[k]) for k in keys}
+        reduced = _flat_sum([loss, *(gradient[k] for k in keys)])
+        return reduced[0], dict(zip(keys, reduced[1:], strict=True))
+
+    def sum(self, params: Params) -> Params:
+        """A sum over ranks of a vector (differentiable when it has a graph)."""
+        if not self.active:
+            return params
+        if any(t.requires_grad for t in params.values()):
+            return {k: _AllReduce.apply(t) for k, t in params.items()}
+        keys = list(params)
+        return dict(zip(keys, _flat_sum([params[k] for k in keys]), strict=True))
+
+    def matvec_wrap(self, inner: Callable[[MatVec], MatVec]) -> Callable[[MatVec], MatVec]:
+        """Every Hessian-vector product summed over ranks (after ``inner``, the precision wrap)."""
+        if not self.active:
+            return inner
+        return lambda matvec: inner(lambda u: self.sum(matvec(u)))
+
+    def push_wrap(self, inner: Callable[[Callable], Callable]) -> Callable[[Callable], Callable]:
+        """A method's push (wrapped by ``inner``) on the global vector; its result enters each rank's
+        gradient divided by the world size, which the step's sum over ranks restores."""
+        if not self.active:
+            return inner
+
+        def wrap(push: Callable) -> Callable:
+            inner_push = inner(push)
+
+            def reduced(ctx: Any) -> Any:
+                pushed, info = inner_push(replace(ctx, v=self.sum(ctx.v)))
+                return {k: t / self.world for k, t in self.sum(pushed).items()}, info
+
+            return reduced
+
+        return wrap
+
+
+def _share(total: int, world: int, rank: int) -> float:
+    """``tensor_split``'s size of shard ``rank`` over the total."""
+    base, extra = divmod(total, world)
+    return (base + (1 if rank < extra else 0)) / total
