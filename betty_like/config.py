@@ -7,6 +7,7 @@ not a thousand steps into training.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from .hypergrad import METHODS
 NESTED_RULES = ("total", "partial")
 DARTS_SCALES = ("lr", "identity")
 NONFINITE_POLICIES = ("raise", "skip")
+SOLVER_FAILURE_POLICIES = ("raise", "warn", "ignore")
 EXECUTIONS = ("eager", "compiled", "auto")
 
 
@@ -29,8 +31,13 @@ def _positive_int(owner: str, field: str, value: object) -> None:
     _require(ok, owner, field, value, "use an integer >= 1")
 
 
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _optional_positive(owner: str, field: str, value: float | None) -> None:
-    _require(value is None or value > 0, owner, field, value, "use a positive number or None")
+    ok = value is None or (_finite_number(value) and value > 0)
+    _require(ok, owner, field, value, "use a finite positive number or None")
 
 
 @dataclass
@@ -63,7 +70,14 @@ class ProblemConfig:
         step_every: this problem steps once every ``step_every`` rounds of its lower problems.
         warmup_steps: initial steps of this problem that do not count towards its upper problems.
         grad_clip: clip this problem's gradient to this global norm before stepping (``None`` = off).
-        on_nonfinite: ``raise`` on a NaN/inf loss, or ``skip`` the step (counted in ``engine.skipped``).
+        on_nonfinite: ``raise`` on a NaN/inf loss or hypergradient, or ``skip`` the step (counted in
+            ``status(name).skipped``). A non-finite hypergradient skips the *upper* step it belongs to.
+        on_solver_failure: what a failed linear solve in a hypergradient through *this* problem does
+            (it diverged, met NaN/inf, or conjugate gradient met negative curvature without a valid
+            continuation): ``raise`` (default) a ``FloatingPointError`` naming this problem, the method,
+            the residuals and the fix; ``warn``: log it at every step where it happens and use the
+            result; ``ignore``: use it silently (``status().diagnostics`` still shows it). A solve that
+            used up its ``iterations`` is no failure: it is reported, and logged if its residual is above 1e-2.
         backend: convolution policy swapped into this problem's module when the engine is built
             (:func:`betty_like.backends.registry.swap`): an algorithm name for every ``Conv2d``, a list
             of names by layer order, a callable ``f(layer, input_shape)`` or ``"auto"``; ``None`` = torch's own.
@@ -87,6 +101,7 @@ class ProblemConfig:
     warmup_steps: int = 0
     grad_clip: float | None = None
     on_nonfinite: str = "raise"
+    on_solver_failure: str = "raise"
     backend: str | list[str] | Callable[..., str] | None = None
     execution: str = "eager"
 
@@ -116,15 +131,19 @@ class ProblemConfig:
         _optional_positive(owner, "alpha", self.alpha)
         _optional_positive(owner, "tol", self.tol)
         _optional_positive(owner, "grad_clip", self.grad_clip)
-        _require(self.fd_epsilon > 0, owner, "fd_epsilon", self.fd_epsilon, "use a positive number")
-        _require(self.damping >= 0, owner, "damping", self.damping, "use a number >= 0")
         _require(
-            self.on_nonfinite in NONFINITE_POLICIES,
+            _finite_number(self.fd_epsilon) and self.fd_epsilon > 0,
             owner,
-            "on_nonfinite",
-            self.on_nonfinite,
-            f"choose one of {list(NONFINITE_POLICIES)}",
+            "fd_epsilon",
+            self.fd_epsilon,
+            "use a finite positive number",
         )
+        _require(
+            _finite_number(self.damping) and self.damping >= 0, owner, "damping", self.damping, "use a finite number >= 0"
+        )
+        for name, choices in (("on_nonfinite", NONFINITE_POLICIES), ("on_solver_failure", SOLVER_FAILURE_POLICIES)):
+            value = getattr(self, name)
+            _require(value in choices, owner, name, value, f"choose one of {list(choices)}")
         if self.backend is not None:
             try:
                 check_policy("conv2d", self.backend)
@@ -168,3 +187,5 @@ class EngineConfig:
             self.valid_every,
             "use an integer >= 0 (0 disables validation)",
         )
+        seed_ok = self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0)
+        _require(seed_ok, owner, "seed", self.seed, "use an integer >= 0 or None")

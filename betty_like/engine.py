@@ -16,11 +16,11 @@ come from the traversal in :mod:`betty_like.hypergrad`, handed an immutable :cla
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ._functional import ProblemModules
+from ._guards import Where, guard, loss_value
 from ._run_state import ProblemStatus, Record, Schedule, Window, random_states, restore_random_states
 from ._setup import Setup, set_up
 from ._user_code import call_user, checked_loss
@@ -53,6 +54,7 @@ class StepOutcome:
     commit: Callable[[Params], None]
     infos: dict[str, HypergradInfo] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    skip: bool = False  # a non-finite hypergradient under on_nonfinite="skip"
 
 
 class Engine:
@@ -150,6 +152,16 @@ class Engine:
                 window is not None,
             )
         return Program(self.graph, levels)
+
+    @contextlib.contextmanager
+    def borrowed_batches(self) -> Iterator[None]:
+        """Batches drawn inside (a problem without a current one) go back to their streams on exit."""
+        had = set(self._batches)
+        try:
+            yield
+        finally:
+            for name in [n for n in self._batches if n not in had]:
+                self._setups[name].stream.put_back(self._batches.pop(name))
 
     # ------------------------------------------------------------------ running
     def run(self, iterations: int | None = None) -> Engine:
@@ -261,7 +273,8 @@ class Engine:
             return self._unrolled(name)
         if self.graph.lowers(name):
             result = hypergradient(self.program(), name)
-            return StepOutcome(result.loss, detach(result.gradient), partial(self._apply, name), result.infos, result.warnings)
+            outcome = StepOutcome(result.loss, detach(result.gradient), partial(self._apply, name), result.infos, result.warnings)
+            return self._guarded(name, outcome)
         values = None if all(w is None for w in self._windows.values()) else self.current_params()
         loss = self._loss(name, self._batches[name], values)
         keys = list(setup.leaves)
@@ -283,7 +296,14 @@ class Engine:
                 for key, leaf in setup.leaves.items():
                     leaf.copy_(params[key])
 
-        return StepOutcome(result.loss, result.gradient, commit, result.infos, result.warnings)
+        return self._guarded(name, StepOutcome(result.loss, result.gradient, commit, result.infos, result.warnings))
+
+    def _guarded(self, name: str, outcome: StepOutcome) -> StepOutcome:
+        """Failed solves and a non-finite gradient (with a finite loss) are handled before anything commits."""
+        configs = {n: p.config for n, p in self.problems.items()}
+        where = Where(name, self._schedule[name].steps + 1, self.iteration + 1)
+        outcome.skip = guard(where, outcome.loss, outcome.gradient, outcome.infos, configs, self._warn_once)
+        return outcome
 
     def _replayed(self, name: str) -> StepOutcome:
         """The captured step (:mod:`betty_like.execution.compiled`); its commit is the captured update."""
@@ -297,8 +317,10 @@ class Engine:
     def _finish(self, name: str, outcome: StepOutcome, value: float | None) -> bool:
         """Clip, commit, step the scheduler, record; returns whether the step was taken (not skipped)."""
         problem, record = self.problems[name], self._records[name]
-        if value is None:
+        if value is None or outcome.skip:
             record.skipped += 1
+            if outcome.skip:  # the windows it read are spent: they reopen from the weights, never grow
+                self._consume(name)
             return False
         clip = problem.config.grad_clip
         outcome.commit(clip_grad_norm(outcome.gradient, clip) if clip is not None else outcome.gradient)
@@ -330,6 +352,10 @@ class Engine:
         for key, leaf in setup.leaves.items():
             leaf.grad = gradient[key].detach().to(leaf.dtype) if key in gradient else None
         setup.problem.optimizer.step()
+        self._consume(name)
+
+    def _consume(self, name: str) -> None:
+        """Close the unrolled windows ``name``'s hypergradient went through (their state goes to the user's optimizer)."""
         for dependent in self.graph.consumed(name):
             window = self._windows[dependent]
             if window is not None:
@@ -360,17 +386,8 @@ class Engine:
 
     def _loss_value(self, name: str, loss: Tensor) -> float | None:
         """The loss as a float (one host sync, shared with logging), or None if the step is to be skipped."""
-        value = float(loss.detach())
-        if math.isfinite(value):
-            return value
-        if self.problems[name].config.on_nonfinite == "skip":
-            self._warn_once(f"skip:{name}", f"problem {name!r}: non-finite loss, skipping its steps (see status().skipped)")
-            return None
-        raise FloatingPointError(
-            f"problem {name!r}: training_step returned {value} at iteration {self.iteration + 1} (its step "
-            f"{self._schedule[name].steps}); fix the loss, lower the learning rate, or set "
-            "ProblemConfig(on_nonfinite='skip')"
-        )
+        where = Where(name, self._schedule[name].steps, self.iteration + 1)
+        return loss_value(where, loss, self.problems[name].config.on_nonfinite, self._warn_once)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
