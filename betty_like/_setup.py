@@ -40,6 +40,23 @@ class Setup:
     stream: BatchStream
 
 
+def set_up_all(problems: dict[str, Problem], graph: Graph, device: torch.device | None) -> dict[str, Setup]:
+    """Every problem's :class:`Setup`; a parameter trained by two problems is refused, naming both."""
+    setups: dict[str, Setup] = {}
+    owners: dict[int, str] = {}
+    for name, p in problems.items():
+        setups[name] = set_up(p, graph, problems, device)
+        for key, t in setups[name].leaves.items():
+            other = owners.setdefault(id(t), key)
+            if other != key:
+                raise ValueError(
+                    f"one parameter is trained by two problems, as {other!r} and as {key!r}: each problem must own "
+                    "its parameters. Give one of them a copy (or freeze it there with requires_grad_(False) and "
+                    "leave it out of that problem's optimizer), or read the other problem's module by name instead"
+                )
+    return setups
+
+
 def set_up(p: Problem, graph: Graph, problems: dict[str, Problem], device: torch.device | None) -> Setup:
     if p.module is None or p.optimizer is None:
         missing = "module" if p.module is None else "optimizer"
@@ -53,6 +70,7 @@ def set_up(p: Problem, graph: Graph, problems: dict[str, Problem], device: torch
         swap(p.module, p.config.backend, prefix=f"{p.name}.")
     by_id = {id(t): f"{p.name}.{n}" for n, t in p.module.named_parameters()}
     leaves: Params = {}
+    frozen = 0
     for group in p.optimizer.param_groups:
         for t in group["params"]:
             if id(t) not in by_id:
@@ -60,7 +78,15 @@ def set_up(p: Problem, graph: Graph, problems: dict[str, Problem], device: torch
                     f"problem {p.name!r}: its optimizer holds a tensor of shape {tuple(t.shape)} that is not a "
                     "parameter of its module; build the optimizer from module.parameters()"
                 )
+            if not t.requires_grad:  # frozen after the optimizer was built: torch.optim skips it, so do we
+                frozen += 1
+                continue
             leaves[by_id[id(t)]] = t
+    if not leaves and frozen:
+        raise ValueError(
+            f"problem {p.name!r}: every parameter in its optimizer is frozen (requires_grad=False, {frozen} tensors), "
+            "so it has nothing to train: unfreeze some of them, or leave the problem out"
+        )
     if not leaves:
         raise ValueError(f"problem {p.name!r} has an optimizer with no parameters: give it its module's parameters")
     method = get_method(p.config.hypergrad)

@@ -31,7 +31,7 @@ from torch import Tensor
 from ._functional import ProblemModules
 from ._guards import Where, guard, loss_value
 from ._run_state import ProblemStatus, Record, Schedule, Window, random_states, restore_random_states
-from ._setup import Setup, set_up
+from ._setup import Setup, set_up_all
 from ._user_code import call_user, checked_loss
 from .config import EngineConfig
 from .execution import ExecutionChoice, plan_executions
@@ -90,7 +90,7 @@ class Engine:
         self.problems: dict[str, Problem] = {p.name: p for p in problems}
         self.graph = Graph(names, dependencies)
         self.device = torch.device(self.config.device) if self.config.device is not None else None
-        self._setups: dict[str, Setup] = {p.name: set_up(p, self.graph, self.problems, self.device) for p in problems}
+        self._setups: dict[str, Setup] = set_up_all(self.problems, self.graph, self.device)
         self._modules = ProblemModules({n: p.module for n, p in self.problems.items()})
         for p in problems:
             p._engine = self
