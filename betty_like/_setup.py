@@ -5,12 +5,15 @@ Every mistake found here raises before the first step with the problem, the valu
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from ._data import BatchStream
 from .backends.registry import swap
+from .config import ProblemConfig
 from .graph import Graph
 from .hypergrad import Method, get_method
 from .optim import FunctionalOptimizer, Params
@@ -29,6 +32,7 @@ class Setup:
         unrolls: it takes unrolled (differentiable) steps for the problems above it.
         period: steps of one unrolled window: its ``unroll_steps`` times its slowest reader's ``step_every``.
         stream: its batches.
+        config: a copy of its config as the engine was built with it (changing it later is refused).
     """
 
     problem: Problem
@@ -38,6 +42,7 @@ class Setup:
     unrolls: bool
     period: int
     stream: BatchStream
+    config: ProblemConfig
 
 
 def set_up_all(problems: dict[str, Problem], graph: Graph, device: torch.device | None) -> dict[str, Setup]:
@@ -99,7 +104,31 @@ def set_up(p: Problem, graph: Graph, problems: dict[str, Problem], device: torch
     )
     patience = max((problems[r].config.step_every for r in graph.readers(p.name)), default=1)
     stream = BatchStream(p.name, p.data, device)
-    return Setup(p, method, leaves, functional, unrolls, p.config.unroll_steps * patience, stream)
+    period = p.config.unroll_steps * patience
+    return Setup(p, method, leaves, functional, unrolls, period, stream, dataclasses.replace(p.config))
+
+
+def check_unchanged(setups: Mapping[str, Setup]) -> None:
+    """A problem's config or data changed after the engine was built is refused, never silently ignored.
+
+    The engine fixes methods, schedules, optimizer views and batch streams from them when it is built.
+    """
+    for name, setup in setups.items():
+        p = setup.problem
+        if p.config != setup.config:
+            changed = sorted(
+                f.name for f in dataclasses.fields(setup.config) if getattr(p.config, f.name) != getattr(setup.config, f.name)
+            )
+            values = ", ".join(f"{f}={getattr(p.config, f)!r} (was {getattr(setup.config, f)!r})" for f in changed)
+            raise ValueError(
+                f"problem {name!r}: its config changed after the Engine was built ({values}); the engine fixed its "
+                "schedule and methods from the old one: build a new Engine with new Problem instances to change it"
+            )
+        if p.data is not setup.stream.data:
+            raise ValueError(
+                f"problem {name!r}: its data was replaced after the Engine was built, and the engine reads the old "
+                "one: pass the data when creating the Problem, or build a new Engine with new Problem instances"
+            )
 
 
 def _check_method(p: Problem, method: Method, graph: Graph, problems: dict[str, Problem]) -> None:

@@ -78,6 +78,11 @@ class ProblemConfig:
             the residuals and the fix; ``warn``: log it at every step where it happens and use the
             result; ``ignore``: use it silently (``status().diagnostics`` still shows it). A solve that
             used up its ``iterations`` is no failure: it is reported, and logged if its residual is above 1e-2.
+        fixed_randomness: every evaluation of this problem's loss within one hypergradient starts
+            from the same random state (the same dropout masks), so darts' two perturbed evaluations
+            and the levels of a nested push see one function. Off by default: it changes what a
+            hypergradient averages over. (BatchNorm statistics are never advanced by a hypergradient's
+            extra evaluations, whatever this says.)
         backend: convolution policy swapped into this problem's module when the engine is built
             (:func:`betty_like.backends.registry.swap`): an algorithm name for every ``Conv2d``, a list
             of names by layer order, a callable ``f(layer, input_shape)`` or ``"auto"``; ``None`` = torch's own.
@@ -102,6 +107,7 @@ class ProblemConfig:
     grad_clip: float | None = None
     on_nonfinite: str = "raise"
     on_solver_failure: str = "raise"
+    fixed_randomness: bool = False
     backend: str | list[str] | Callable[..., str] | None = None
     execution: str = "eager"
 
@@ -141,6 +147,7 @@ class ProblemConfig:
         _require(
             _finite_number(self.damping) and self.damping >= 0, owner, "damping", self.damping, "use a finite number >= 0"
         )
+        _require(isinstance(self.fixed_randomness, bool), owner, "fixed_randomness", self.fixed_randomness, "use True or False")
         for name, choices in (("on_nonfinite", NONFINITE_POLICIES), ("on_solver_failure", SOLVER_FAILURE_POLICIES)):
             value = getattr(self, name)
             _require(value in choices, owner, name, value, f"choose one of {list(choices)}")

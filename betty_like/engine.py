@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._evaluations import Evaluations
 from ._functional import ProblemModules
 from ._guards import Where, guard, loss_value
 from ._run_state import ProblemStatus, Record, Schedule, Window, random_states, restore_random_states
-from ._setup import Setup, set_up_all
+from ._setup import Setup, check_unchanged, set_up_all
 from ._user_code import call_user, checked_loss
 from .config import EngineConfig
 from .execution import ExecutionChoice, plan_executions
@@ -104,6 +105,8 @@ class Engine:
         self._pending: deque[list[str]] = deque()
         self._seeded = False
         self._warned: set[str] = set()
+        self._evaluations = Evaluations(self._modules.buffers(), self.problems)
+        self._configs = {n: s.config for n, s in self._setups.items()}
         self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once)
 
     # ------------------------------------------------------------------ what users read
@@ -189,6 +192,7 @@ class Engine:
 
     def step(self) -> None:
         """One iteration: every leaf problem steps once, and whatever becomes due steps after it."""
+        check_unchanged(self._setups)
         if not self._pending:
             self._pending.extend([leaf] for leaf in self.graph.leaves())
         while self._pending:
@@ -272,7 +276,8 @@ class Engine:
         if setup.unrolls and self._schedule[name].steps >= setup.problem.config.warmup_steps:
             return self._unrolled(name)
         if self.graph.lowers(name):
-            result = hypergradient(self.program(), name)
+            with self._evaluations.step():
+                result = hypergradient(self.program(), name)
             outcome = StepOutcome(result.loss, detach(result.gradient), partial(self._apply, name), result.infos, result.warnings)
             return self._guarded(name, outcome)
         values = None if all(w is None for w in self._windows.values()) else self.current_params()
@@ -287,7 +292,8 @@ class Engine:
         setup = self._setups[name]
         window = self._window(name)
         keep = keeps_graph(setup.problem.config.truncate, window.steps + 1, setup.period)
-        result, origin = window_gradient(self.program(copies=keep), name, window.params, keep, setup.method.through_w)
+        with self._evaluations.step():
+            result, origin = window_gradient(self.program(copies=keep), name, window.params, keep, setup.method.through_w)
 
         def commit(gradient: Params) -> None:
             params, state = setup.functional.step(origin, gradient, window.state)
@@ -300,9 +306,8 @@ class Engine:
 
     def _guarded(self, name: str, outcome: StepOutcome) -> StepOutcome:
         """Failed solves and a non-finite gradient (with a finite loss) are handled before anything commits."""
-        configs = {n: p.config for n, p in self.problems.items()}
         where = Where(name, self._schedule[name].steps + 1, self.iteration + 1)
-        outcome.skip = guard(where, outcome.loss, outcome.gradient, outcome.infos, configs, self._warn_once)
+        outcome.skip = guard(where, outcome.loss, outcome.gradient, outcome.infos, self._configs, self._warn_once)
         return outcome
 
     def _replayed(self, name: str) -> StepOutcome:
@@ -362,7 +367,6 @@ class Engine:
                 self._setups[dependent].functional.write_back(window.state)
                 self._windows[dependent] = None
 
-    # ------------------------------------------------------------------ losses, batches, windows
     def _window(self, name: str) -> Window | None:
         """``name``'s open window, opened from its weights if it unrolls past its warm-up."""
         setup = self._setups[name]
@@ -377,7 +381,7 @@ class Engine:
         """``name``'s loss on its current batch (drawn now if it has none) at ``values``."""
         if name not in self._batches:
             self._batches[name] = self._setups[name].stream.next(self.iteration + 1)
-        return self._loss(name, self._batches[name], values)
+        return self._evaluations.call(name, partial(self._loss, name, self._batches[name], values))
 
     def _loss(self, name: str, batch: Any, values: Params | None) -> Tensor:
         step = self.problems[name].training_step
@@ -387,7 +391,7 @@ class Engine:
     def _loss_value(self, name: str, loss: Tensor) -> float | None:
         """The loss as a float (one host sync, shared with logging), or None if the step is to be skipped."""
         where = Where(name, self._schedule[name].steps, self.iteration + 1)
-        return loss_value(where, loss, self.problems[name].config.on_nonfinite, self._warn_once)
+        return loss_value(where, loss, self._configs[name].on_nonfinite, self._warn_once)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
