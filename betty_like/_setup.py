@@ -94,6 +94,7 @@ def set_up(p: Problem, graph: Graph, problems: dict[str, Problem], device: torch
         )
     if not leaves:
         raise ValueError(f"problem {p.name!r} has an optimizer with no parameters: give it its module's parameters")
+    _check_scheduler(p)
     method = get_method(p.config.hypergrad)
     served = [n for n in graph.names if p.name in graph.responders(n)]
     if served:
@@ -129,6 +130,28 @@ def check_unchanged(setups: Mapping[str, Setup]) -> None:
                 f"problem {name!r}: its data was replaced after the Engine was built, and the engine reads the old "
                 "one: pass the data when creating the Problem, or build a new Engine with new Problem instances"
             )
+
+
+def _check_scheduler(p: Problem) -> None:
+    """The engine steps a scheduler after every step with no argument: say now if that cannot work."""
+    scheduler = p.scheduler
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise TypeError(
+            f"problem {p.name!r}: ReduceLROnPlateau needs a metric at every step, which the engine cannot give it: "
+            "pass scheduler=None and call scheduler.step(metric) in your validation_step"
+        )
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise TypeError(
+            f"problem {p.name!r}: scheduler must be a torch.optim.lr_scheduler.LRScheduler built on its optimizer, "
+            f"got {type(scheduler).__name__}"
+        )
+    if scheduler.optimizer is not p.optimizer:
+        raise ValueError(
+            f"problem {p.name!r}: its scheduler drives another optimizer than the problem's: build it on "
+            "the problem's own optimizer"
+        )
 
 
 def _check_method(p: Problem, method: Method, graph: Graph, problems: dict[str, Problem]) -> None:

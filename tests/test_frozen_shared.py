@@ -73,3 +73,51 @@ def test_a_parameter_in_two_problems_names_both():
     outer = Outer("outer", module=holder, optimizer=torch.optim.SGD(holder.parameters(), lr=0.01), data=batches(seed=1))
     with pytest.raises(ValueError, match=r"trained by two problems, as 'outer.copy.weight' and as 'inner.weight'|trained by two problems, as 'inner.weight' and as 'outer.copy.weight'"):
         Engine([outer, inner], {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
+
+
+# --------------------------------------------------------------------------- raw errors, named
+class ConstantOuter(Outer):
+    def training_step(self, batch):
+        return torch.tensor(1.0)
+
+
+class DetachedOuter(Outer):
+    def training_step(self, batch):
+        return super().training_step(batch).detach()
+
+
+class IntegerOuter(Outer):
+    def training_step(self, batch):
+        return torch.tensor(1)
+
+
+@pytest.mark.parametrize(
+    ("outer_cls", "error", "message"),
+    [
+        (ConstantOuter, ValueError, r"problem 'outer': training_step returned a loss that depends on no parameter"),
+        (DetachedOuter, ValueError, r"problem 'outer'.*detached by \.item\(\), \.detach\(\)"),
+        (IntegerOuter, TypeError, r"problem 'outer': training_step returned a loss of dtype torch.int64"),
+    ],
+)
+def test_constant_detached_and_integer_losses_are_named(outer_cls, error, message):
+    engine, _, _ = bilevel(ProblemConfig(hypergrad="cg"), outer_cls=outer_cls)
+    with pytest.raises(error, match=message):
+        engine.run()
+
+
+def test_schedulers_the_engine_cannot_step_are_refused_when_it_is_built():
+    net, scale = nn.Linear(3, 1), Scale()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    cases = [
+        (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer), TypeError, r"ReduceLROnPlateau needs a metric"),
+        ("cosine", TypeError, r"scheduler must be a torch.optim.lr_scheduler.LRScheduler.*got str"),
+        (
+            torch.optim.lr_scheduler.StepLR(torch.optim.SGD(scale.parameters(), lr=0.1), 1),
+            ValueError,
+            r"its scheduler drives another optimizer",
+        ),
+    ]
+    for scheduler, error, message in cases:
+        inner = Inner("inner", module=net, optimizer=optimizer, scheduler=scheduler, data=batches())
+        with pytest.raises(error, match=rf"problem 'inner': .*{message}|problem 'inner': {message}"):
+            Engine([inner])
