@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -94,3 +95,14 @@ class BatchStream:
                 f"problem {self.owner!r}: data of type {type(self.data).__name__} is not iterable; pass a "
                 "DataLoader, a list of batches or a generator"
             ) from None
+
+
+@contextlib.contextmanager
+def borrowed(batches: dict[str, Any], streams: Mapping[str, BatchStream]) -> Iterator[None]:
+    """Batches drawn into ``batches`` inside go back to their ``streams`` on exit (a check draws nothing)."""
+    had = set(batches)
+    try:
+        yield
+    finally:
+        for name in [n for n in batches if n not in had]:
+            streams[name].put_back(batches.pop(name))

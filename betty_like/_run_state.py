@@ -32,6 +32,19 @@ class Window:
     state: State
     steps: int = 0  # steps since it opened (for truncation)
 
+    @classmethod
+    def opened(cls, leaves: Params, optimizer: Any) -> Window:
+        """A window starting from copies of ``leaves`` (so the module can hold the latest weights) and the optimizer's state."""
+        optimizer.reload_state()
+        return cls({k: t.detach().clone().requires_grad_(True) for k, t in leaves.items()}, optimizer.state)
+
+    def advanced(self, params: Params, state: State, mirror: Params) -> Window:
+        """The window after one more step; its weights are copied into ``mirror`` (the user's module)."""
+        with torch.no_grad():
+            for key, leaf in mirror.items():
+                leaf.copy_(params[key])
+        return Window(params, state, self.steps + 1)
+
 
 @dataclass
 class Record:
@@ -102,3 +115,11 @@ def restore_random_states(states: Mapping[str, Any]) -> None:
         numpy.random.set_state(states["numpy"])
     if "cuda" in states:
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def seeded(seed: int | None) -> bool:
+    """Seed torch's generators with ``seed`` (once per engine: the caller keeps the answer); whether it did."""
+    if seed is None:
+        return False
+    torch.manual_seed(seed)
+    return True

@@ -5,7 +5,8 @@ Every mistake found here raises before the first step with the problem, the valu
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 from ._data import BatchStream
 from .backends.registry import check_policy, first_order_only_layers, swap
+from .config import ProblemConfig
 from .graph import Graph
 from .hypergrad import Method, get_method
 from .optim import FunctionalOptimizer, Params
@@ -31,6 +33,7 @@ class Setup:
         unrolls: it takes unrolled (differentiable) steps for the problems above it.
         period: steps of one unrolled window: its ``unroll_steps`` times its slowest reader's ``step_every``.
         stream: its batches.
+        config: a copy of its config as the engine was built with it (changing it later is refused).
     """
 
     problem: Problem
@@ -40,6 +43,26 @@ class Setup:
     unrolls: bool
     period: int
     stream: BatchStream
+    config: ProblemConfig
+
+
+def set_up_all(
+    problems: dict[str, Problem], graph: Graph, device: torch.device | None, shard: Any = None
+) -> dict[str, Setup]:
+    """Every problem's :class:`Setup`; a parameter trained by two problems is refused, naming both."""
+    setups: dict[str, Setup] = {}
+    owners: dict[int, str] = {}
+    for name, p in problems.items():
+        setups[name] = set_up(p, graph, problems, device, shard)
+        for key, t in setups[name].leaves.items():
+            other = owners.setdefault(id(t), key)
+            if other != key:
+                raise ValueError(
+                    f"one parameter is trained by two problems, as {other!r} and as {key!r}: each problem must own "
+                    "its parameters. Give one of them a copy (or freeze it there with requires_grad_(False) and "
+                    "leave it out of that problem's optimizer), or read the other problem's module by name instead"
+                )
+    return setups
 
 
 def check_problems(problems: Iterable[Problem]) -> list[Problem]:
@@ -72,6 +95,7 @@ def set_up(
     _swap_backends(p)  # same parameter objects after the swap: the checks below still hold
     by_id = {id(t): f"{p.name}.{n}" for n, t in p.module.named_parameters()}
     leaves: Params = {}
+    frozen = 0
     for group in p.optimizer.param_groups:
         for t in group["params"]:
             if id(t) not in by_id:
@@ -79,9 +103,18 @@ def set_up(
                     f"problem {p.name!r}: its optimizer holds a tensor of shape {tuple(t.shape)} that is not a "
                     "parameter of its module; build the optimizer from module.parameters()"
                 )
+            if not t.requires_grad:  # frozen after the optimizer was built: torch.optim skips it, so do we
+                frozen += 1
+                continue
             leaves[by_id[id(t)]] = t
+    if not leaves and frozen:
+        raise ValueError(
+            f"problem {p.name!r}: every parameter in its optimizer is frozen (requires_grad=False, {frozen} tensors), "
+            "so it has nothing to train: unfreeze some of them, or leave the problem out"
+        )
     if not leaves:
         raise ValueError(f"problem {p.name!r} has an optimizer with no parameters: give it its module's parameters")
+    _check_scheduler(p)
     method = get_method(p.config.hypergrad)
     served = [n for n in graph.names if p.name in graph.responders(n)]
     if served:
@@ -100,7 +133,53 @@ def set_up(
     )
     patience = max((problems[r].config.step_every for r in graph.readers(p.name)), default=1)
     stream = BatchStream(p.name, p.data, device, shard)
-    return Setup(p, method, leaves, functional, unrolls, p.config.unroll_steps * patience, stream)
+    period = p.config.unroll_steps * patience
+    return Setup(p, method, leaves, functional, unrolls, period, stream, dataclasses.replace(p.config))
+
+
+def check_unchanged(setups: Mapping[str, Setup]) -> None:
+    """A problem's config or data changed after the engine was built is refused, never silently ignored.
+
+    The engine fixes methods, schedules, optimizer views and batch streams from them when it is built.
+    """
+    for name, setup in setups.items():
+        p = setup.problem
+        if p.config != setup.config:
+            changed = sorted(
+                f.name for f in dataclasses.fields(setup.config) if getattr(p.config, f.name) != getattr(setup.config, f.name)
+            )
+            values = ", ".join(f"{f}={getattr(p.config, f)!r} (was {getattr(setup.config, f)!r})" for f in changed)
+            raise ValueError(
+                f"problem {name!r}: its config changed after the Engine was built ({values}); the engine fixed its "
+                "schedule and methods from the old one: build a new Engine with new Problem instances to change it"
+            )
+        if p.data is not setup.stream.data:
+            raise ValueError(
+                f"problem {name!r}: its data was replaced after the Engine was built, and the engine reads the old "
+                "one: pass the data when creating the Problem, or build a new Engine with new Problem instances"
+            )
+
+
+def _check_scheduler(p: Problem) -> None:
+    """The engine steps a scheduler after every step with no argument: say now if that cannot work."""
+    scheduler = p.scheduler
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise TypeError(
+            f"problem {p.name!r}: ReduceLROnPlateau needs a metric at every step, which the engine cannot give it: "
+            "pass scheduler=None and call scheduler.step(metric) in your validation_step"
+        )
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise TypeError(
+            f"problem {p.name!r}: scheduler must be a torch.optim.lr_scheduler.LRScheduler built on its optimizer, "
+            f"got {type(scheduler).__name__}"
+        )
+    if scheduler.optimizer is not p.optimizer:
+        raise ValueError(
+            f"problem {p.name!r}: its scheduler drives another optimizer than the problem's: build it on "
+            "the problem's own optimizer"
+        )
 
 
 def _swap_backends(p: Problem) -> None:

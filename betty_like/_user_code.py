@@ -40,6 +40,17 @@ def checked_loss(owner: str, loss: Any, iteration: int) -> Tensor:
             f"problem {owner!r}: training_step returned a tensor of shape {tuple(loss.shape)} at iteration "
             f"{iteration}; return a scalar, e.g. loss.mean()"
         )
+    if not loss.is_floating_point():
+        raise TypeError(
+            f"problem {owner!r}: training_step returned a loss of dtype {loss.dtype} at iteration {iteration}; "
+            "return a floating-point loss computed from the modules' outputs"
+        )
+    if torch.is_grad_enabled() and not loss.requires_grad:
+        raise ValueError(
+            f"problem {owner!r}: training_step returned a loss that depends on no parameter (a constant, or "
+            f"detached by .item(), .detach() or torch.no_grad()) at iteration {iteration}: compute it from "
+            "self.module(...) or another problem's module, without detaching"
+        )
     return loss if loss.dim() == 0 else loss.reshape(())
 
 

@@ -2,25 +2,37 @@
 
 It recomputes an upper problem's hypergradient at the engine's current state twice, once with the
 method under test and once with a reference, and reports relative error, cosine similarity and the
-linear solvers' residual histories. Nothing is stepped and no parameter changes.
+linear solvers' outcomes and residual histories. It changes nothing: no batch is drawn for good (a
+problem without a current batch borrows its next one and puts it back), and parameters, buffers
+(BatchNorm statistics), optimizer state and every random generator are bit-identical afterwards.
 
 References:
 
 * ``"exact"``: implicit differentiation with each lower problem's Hessian materialised
-  (one Hessian-vector product per parameter) and solved densely in float64. Exact for the current
-  lower parameters, for models of up to a few thousand parameters.
-* ``"unroll"``: reverse mode through many steps of each lower problem's own optimizer update at its
-  current point (the fixed-point iteration run to convergence). Costs one product per step, so it
-  scales to large models; it equals ``"exact"`` when the lower problems are at a stationary point.
+  (one Hessian-vector product per parameter) and solved densely in float64, **undamped** whatever
+  the problem's ``damping``: a reference that shared the damping would bless a damped answer (a
+  wrong-sign damped CG result scored 1e-16). The bias the damping causes is reported separately
+  (``damping_bias``). Exact for the current lower parameters, up to 20,000 parameters.
+* ``"fixed_point"``: reverse mode through up to 10,000 steps of each lower problem's own optimizer
+  update at its current point (the fixed-point iteration of the update map, run to convergence;
+  formerly, misleadingly, ``"unroll"``). Costs one product per step, so it scales to large models; it
+  equals ``"exact"`` when the lower problems are at a stationary point and the update contracts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
+from ._run_state import random_states, restore_random_states
 from .hypergrad import METHODS, HypergradInfo, Method, Program, get_method, hypergradient
 from .hypergrad._implicit import gradient_residual, root_push
 from .hypergrad._linsolve import dense
@@ -28,6 +40,8 @@ from .hypergrad._tree import Params, dot, norm
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+log = logging.getLogger("betty_like")
 
 _DENSE_LIMIT = 20_000
 
@@ -37,15 +51,16 @@ def _exact_push(ctx):
     if size > _DENSE_LIMIT:
         raise ValueError(
             f"reference='exact' materialises a {size}x{size} Hessian, above the {_DENSE_LIMIT} parameter limit; "
-            "use reference='unroll'"
+            "use reference='fixed_point'"
         )
     return root_push(ctx, gradient_residual(ctx), dense, "exact", symmetric=True)
 
 
 _REFERENCES = {
-    "exact": (Method("exact", "dense float64 solve of the implicit system", _exact_push), {}),
-    "unroll": (METHODS["fixed_point"], {"iterations": 10_000, "tol": 1e-14}),
+    "exact": (Method("exact", "dense float64 solve of the implicit system", _exact_push), {"damping": 0.0}),
+    "fixed_point": (METHODS["fixed_point"], {"iterations": 10_000, "tol": 1e-14, "damping": 0.0}),
 }
+_RENAMED = {"unroll": "fixed_point"}
 
 
 @dataclass
@@ -58,7 +73,9 @@ class HypergradReport:
         relative_error: ``||g - g_ref|| / ||g_ref||``.
         cosine: cosine similarity between ``g`` and ``g_ref``.
         grad / reference_grad: the two hypergradients, keyed ``"<problem>.<param>"``.
-        info / reference_info: per lower problem, the solver diagnostics (residual history).
+        info / reference_info: per lower problem, the solver diagnostics (outcome, residual history).
+        damping_bias: ``||g_damped - g_exact|| / ||g_exact||`` for the exact reference computed with
+            the lower problems' own ``damping`` (``None`` when none is damped or the reference is not exact).
     """
 
     problem: str
@@ -70,32 +87,71 @@ class HypergradReport:
     reference_grad: Params = field(repr=False)
     info: dict[str, HypergradInfo] = field(repr=False)
     reference_info: dict[str, HypergradInfo] = field(repr=False)
+    damping_bias: float | None = None
 
     def __str__(self) -> str:
         lines = [
             f"{self.problem}: {self.method} vs {self.reference}: relative error {self.relative_error:.3e}, "
             f"cosine {self.cosine:.6f}"
         ]
+        if self.damping_bias is not None:
+            lines.append(f"  damping alone moves the exact hypergradient by {self.damping_bias:.3e} (relative)")
         for name, info in self.info.items():
             if info.solve is not None:
-                lines.append(
-                    f"  {name}: {info.solve.solver} {info.solve.iterations} iterations, residual {info.solve.residual:.3e}"
-                )
+                lines.append(f"  {name} ({info.method}): {info.solve.describe()}")
         return "\n".join(lines)
 
 
-def _hypergradient(engine: Engine, upper: str, method: Method, overrides: dict) -> tuple[Params, dict]:
-    """``upper``'s hypergradient with ``method`` below it, every parameter a fresh leaf (open windows ignored)."""
+def _hypergradient(engine: Engine, upper: str, method: Method | None, overrides: dict) -> tuple[Params, dict]:
+    """``upper``'s hypergradient with ``method`` below it (``None``: each lower's own), every parameter a fresh leaf."""
     program = engine.program()
     below = set(engine.graph.responders(upper))
     levels = {}
     for name, level in program.levels.items():
         fresh = {k: t.detach().requires_grad_(True) for k, t in level.params.items()}
         if name in below:
-            level = replace(level, method=method, config=replace(level.config, **overrides))
+            level = replace(level, method=method or level.method, config=replace(level.config, **overrides))
         levels[name] = replace(level, params=fresh, window=False)
     result = hypergradient(Program(program.graph, levels), upper)
     return {k: v.detach() for k, v in result.gradient.items()}, result.infos
+
+
+@contextlib.contextmanager
+def _untouched(engine: Engine) -> Iterator[None]:
+    """Everything a check could change is put back: batches, parameters, buffers, optimizer state, RNG."""
+    modules = [p.module for p in engine.problems.values() if p.module is not None]
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    saved = [t.detach().clone() for t in tensors]
+    optimizers = [(p.optimizer, copy.deepcopy(p.optimizer.state_dict())) for p in engine.problems.values() if p.optimizer]
+    randomness = random_states()
+    try:
+        with engine.borrowed_batches():
+            yield
+    finally:
+        with torch.no_grad():
+            for t, value in zip(tensors, saved, strict=True):
+                t.copy_(value)
+        for optimizer, state in optimizers:
+            optimizer.load_state_dict(state)
+        restore_random_states(randomness)
+
+
+def _stochastic_layers(engine: Engine, names: list[str]) -> list[str]:
+    """Layers in training mode whose output depends on randomness or on the batch's statistics."""
+    kinds = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)  # noqa: SLF001 (torch's bases of every dropout and batch-norm layer)
+    found = []
+    for name in names:
+        module = engine.problems[name].module
+        for path, layer in module.named_modules() if module is not None else ():
+            if isinstance(layer, kinds) and layer.training and getattr(layer, "p", 1.0) != 0.0:
+                found.append(f"{name}.{path or type(layer).__name__} ({type(layer).__name__})")
+    return found
+
+
+def _relative(a: Params, b: Params) -> float:
+    difference = {k: a[k] - b[k] for k in b}
+    size = float(norm(b))
+    return float(norm(difference)) / size if size > 0 else float(norm(difference))
 
 
 def check_hypergradient(
@@ -103,9 +159,18 @@ def check_hypergradient(
 ) -> list[HypergradReport]:
     """Compare ``method`` with ``reference`` for ``problem`` (default: every problem that reads lower solutions).
 
-    ``method`` defaults to each lower problem's configured one and is applied to every problem below
-    the upper one; unrolled methods have no standalone push and are refused here.
+    ``method=None`` checks each lower problem with its own configured method; a name applies that
+    method to every problem below the upper one. Unrolled methods have no standalone push at the
+    current point and are refused here. The engine is left exactly as it was found.
     """
+    if reference in _RENAMED:
+        warnings.warn(
+            f"reference={reference!r} was a long fixed-point iteration of the optimizer's update, not an unroll of "
+            f"training: use reference={_RENAMED[reference]!r}",
+            FutureWarning,
+            stacklevel=2,
+        )
+        reference = _RENAMED[reference]
     if reference not in _REFERENCES:
         raise ValueError(f"unknown reference {reference!r}; choose one of {sorted(_REFERENCES)}")
     uppers = [problem] if problem is not None else [n for n in engine.graph.names if engine.graph.lowers(n)]
@@ -116,26 +181,50 @@ def check_hypergradient(
             raise ValueError(f"problem {name!r} reads no lower solution, so it has no hypergradient to check")
     reference_method, reference_overrides = _REFERENCES[reference]
     reports = []
-    for upper in uppers:
-        names = engine.graph.responders(upper)
-        chosen = method or engine.problems[next(iter(sorted(names)))].config.hypergrad
-        tested = get_method(chosen)
-        if tested.unrolled:
+    with _untouched(engine):
+        for upper in uppers:
+            reports.append(_check(engine, upper, method, reference, reference_method, reference_overrides))
+    return reports
+
+
+def _check(
+    engine: Engine, upper: str, method: str | None, reference: str, reference_method: Method, overrides: dict
+) -> HypergradReport:
+    names = engine.graph.responders(upper)
+    own = {n: engine.problems[n].config.hypergrad for n in names}
+    tested = get_method(method) if method is not None else None
+    for name, chosen in own.items() if method is None else [("every lower", method)]:
+        if get_method(chosen).unrolled:
             raise ValueError(
-                f"method {chosen!r} differentiates through the training trajectory and has no standalone "
+                f"method {chosen!r} ({name}) differentiates through the training trajectory and has no standalone "
                 "hypergradient at the current point; pass method= one of "
                 f"{sorted(n for n, m in METHODS.items() if not m.unrolled)}"
             )
-        with torch.enable_grad():
-            grad, info = _hypergradient(engine, upper, tested, {})
-            ref, ref_info = _hypergradient(engine, upper, reference_method, reference_overrides)
-        difference = {k: grad[k] - ref[k] for k in ref}
-        ref_norm = float(norm(ref))
-        rel = float(norm(difference)) / ref_norm if ref_norm > 0 else float(norm(difference))
-        denom = float(norm(grad)) * ref_norm
-        cosine = float(dot(grad, ref)) / denom if denom > 0 else float("nan")
-        reports.append(HypergradReport(upper, chosen, reference, rel, cosine, grad, ref, info, ref_info))
-    return reports
+    stochastic = _stochastic_layers(engine, [upper, *names])
+    if stochastic:
+        log.warning(
+            f"check_hypergradient({upper!r}): {stochastic} make the hypergradient random (dropout draws, batch "
+            "statistics), so the method and the reference differ by noise too: put those layers in eval mode for "
+            "the check"
+        )
+    with torch.enable_grad():
+        grad, info = _hypergradient(engine, upper, tested, {})
+        ref, ref_info = _hypergradient(engine, upper, reference_method, overrides)
+        damped = any(engine.problems[n].config.damping > 0 for n in names) and reference == "exact"
+        bias = None
+        if damped:
+            damped_ref, _ = _hypergradient(engine, upper, reference_method, {})
+            bias = _relative(damped_ref, ref)
+    for name, i in ref_info.items():
+        if i.solve is not None and i.solve.failed:
+            raise ValueError(
+                f"the {reference!r} reference for {upper!r} failed at lower problem {name!r}: {i.solve.describe()}; "
+                "its optimizer's update is no contraction here: use reference='exact'"
+            )
+    denom = float(norm(grad)) * float(norm(ref))
+    cosine = float(dot(grad, ref)) / denom if denom > 0 else float("nan")
+    label = method if method is not None else ", ".join(f"{n}: {m}" for n, m in own.items())
+    return HypergradReport(upper, label, reference, _relative(grad, ref), cosine, grad, ref, info, ref_info, bias)
 
 
 __all__ = ["HypergradReport", "check_hypergradient"]

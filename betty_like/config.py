@@ -7,6 +7,7 @@ not a thousand steps into training.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ NESTED_RULES = ("total", "partial")
 UNROLL_MEMORY = ("graph", "remat")
 DARTS_SCALES = ("lr", "identity")
 NONFINITE_POLICIES = ("raise", "skip")
+SOLVER_FAILURE_POLICIES = ("raise", "warn", "ignore")
 EXECUTIONS = ("eager", "compiled", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 HVP_PRECISIONS = ("fp32", "autocast")
@@ -32,8 +34,13 @@ def _positive_int(owner: str, field: str, value: object) -> None:
     _require(ok, owner, field, value, "use an integer >= 1")
 
 
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _optional_positive(owner: str, field: str, value: float | None) -> None:
-    _require(value is None or value > 0, owner, field, value, "use a positive number or None")
+    ok = value is None or (_finite_number(value) and value > 0)
+    _require(ok, owner, field, value, "use a finite positive number or None")
 
 
 @dataclass
@@ -69,7 +76,19 @@ class ProblemConfig:
         step_every: this problem steps once every ``step_every`` rounds of its lower problems.
         warmup_steps: initial steps of this problem that do not count towards its upper problems.
         grad_clip: clip this problem's gradient to this global norm before stepping (``None`` = off).
-        on_nonfinite: ``raise`` on a NaN/inf loss, or ``skip`` the step (counted in ``engine.skipped``).
+        on_nonfinite: ``raise`` on a NaN/inf loss or hypergradient, or ``skip`` the step (counted in
+            ``status(name).skipped``). A non-finite hypergradient skips the *upper* step it belongs to.
+        on_solver_failure: what a failed linear solve in a hypergradient through *this* problem does
+            (it diverged, met NaN/inf, or conjugate gradient met negative curvature without a valid
+            continuation): ``raise`` (default) a ``FloatingPointError`` naming this problem, the method,
+            the residuals and the fix; ``warn``: log it at every step where it happens and use the
+            result; ``ignore``: use it silently (``status().diagnostics`` still shows it). A solve that
+            used up its ``iterations`` is no failure: it is reported, and logged if its residual is above 1e-2.
+        fixed_randomness: every evaluation of this problem's loss within one hypergradient starts
+            from the same random state (the same dropout masks), so darts' two perturbed evaluations
+            and the levels of a nested push see one function. Off by default: it changes what a
+            hypergradient averages over. (BatchNorm statistics are never advanced by a hypergradient's
+            extra evaluations, whatever this says.)
         backends: operator policies swapped into this problem's module when the engine is built, per
             op (:func:`betty_like.backends.registry.swap`), e.g. ``{"conv2d": "auto"}``: an algorithm
             name for every layer of the op, a list of names by layer order, a callable
@@ -102,6 +121,8 @@ class ProblemConfig:
     grad_clip: float | None = None
     on_nonfinite: str = "raise"
     backends: dict[str, Policy] = field(default_factory=dict)
+    on_solver_failure: str = "raise"
+    fixed_randomness: bool = False
     execution: str = "eager"
     hvp_precision: str = "fp32"
 
@@ -136,15 +157,20 @@ class ProblemConfig:
         _optional_positive(owner, "alpha", self.alpha)
         _optional_positive(owner, "tol", self.tol)
         _optional_positive(owner, "grad_clip", self.grad_clip)
-        _require(self.fd_epsilon > 0, owner, "fd_epsilon", self.fd_epsilon, "use a positive number")
-        _require(self.damping >= 0, owner, "damping", self.damping, "use a number >= 0")
         _require(
-            self.on_nonfinite in NONFINITE_POLICIES,
+            _finite_number(self.fd_epsilon) and self.fd_epsilon > 0,
             owner,
-            "on_nonfinite",
-            self.on_nonfinite,
-            f"choose one of {list(NONFINITE_POLICIES)}",
+            "fd_epsilon",
+            self.fd_epsilon,
+            "use a finite positive number",
         )
+        _require(
+            _finite_number(self.damping) and self.damping >= 0, owner, "damping", self.damping, "use a finite number >= 0"
+        )
+        _require(isinstance(self.fixed_randomness, bool), owner, "fixed_randomness", self.fixed_randomness, "use True or False")
+        for name, choices in (("on_nonfinite", NONFINITE_POLICIES), ("on_solver_failure", SOLVER_FAILURE_POLICIES)):
+            value = getattr(self, name)
+            _require(value in choices, owner, name, value, f"choose one of {list(choices)}")
         _require(isinstance(self.backends, Mapping), owner, "backends", self.backends, 'use a dict op -> policy, e.g. {"conv2d": "auto"}')
         # plain containers, so a mapping or list from a config system (OmegaConf) behaves like a dict or list
         self.backends = {
@@ -250,3 +276,5 @@ class EngineConfig:
             not needs_dir or self.checkpoint_dir is not None, owner, "checkpoint_dir", self.checkpoint_dir,
             "give a directory for checkpoint_every > 0 or resume='latest'",
         )
+        seed_ok = self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0)
+        _require(seed_ok, owner, "seed", self.seed, "use an integer >= 0 or None")

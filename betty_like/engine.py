@@ -16,10 +16,11 @@ come from the traversal in :mod:`betty_like.hypergrad`, handed an immutable :cla
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -27,17 +28,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._data import borrowed
+from ._evaluations import Evaluations
 from ._functional import ProblemModules
-from ._run_state import ProblemStatus, Record, Schedule, Window, random_states, restore_random_states
-from ._setup import check_problems, set_up
-from ._user_code import call_user, checked_loss, finite_loss, validation_metrics
+from ._guards import Where, guard, loss_value
+from ._run_state import ProblemStatus, Record, Schedule, Window, random_states, restore_random_states, seeded
+from ._setup import check_problems, check_unchanged, set_up_all
+from ._snapshot import snapshot
+from ._user_code import call_user, checked_loss, validation_metrics
 from .callbacks import Callback, Callbacks
 from .checkpoint import checkpoint_policies
 from .config import EngineConfig
 from .distributed import DataParallel
 from .execution import ExecutionChoice, plan_executions
 from .graph import Graph
-from .hypergrad import HypergradInfo, Level, Program, hypergradient
+from .hypergrad import HypergradInfo, Program, hypergradient
 from .hypergrad._tree import detach
 from .hypergrad.unroll import WindowStep, keeps_graph, rematerialized, window_gradient
 from .logging import Metrics, log_policies
@@ -57,6 +62,7 @@ class StepOutcome:
     commit: Callable[[Params], None]
     infos: dict[str, HypergradInfo] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    skip: bool = False  # a non-finite hypergradient under on_nonfinite="skip"
 
 
 class Engine:
@@ -87,7 +93,7 @@ class Engine:
         self.device = torch.device(self.config.device) if self.config.device is not None else None
         self._dist = DataParallel(self.config.distributed, self.device)
         shard = self._dist.shard if self._dist.active else None
-        self._setups = {p.name: set_up(p, self.graph, self.problems, self.device, shard) for p in problems}
+        self._setups = set_up_all(self.problems, self.graph, self.device, shard)
         self._modules = ProblemModules({n: p.module for n, p in self.problems.items()})
         self._dist.broadcast(p.module for p in problems)
         kind = device_type(self.device, [p.module for p in problems])
@@ -109,6 +115,8 @@ class Engine:
         self._warned: set[str] = set()
         self.metrics, policies = Metrics(), [*log_policies(self.config), *checkpoint_policies(self.config)]
         self.callbacks = Callbacks([*callbacks, *policies])
+        self._evaluations = Evaluations(self._modules.buffers(), self.problems)
+        self._configs = {n: s.config for n, s in self._setups.items()}
         self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once)
 
     def status(self, name: str) -> ProblemStatus:
@@ -127,41 +135,30 @@ class Engine:
 
     def execution_choices(self, name: str) -> dict[tuple, ExecutionChoice]:
         """How problem ``name``'s plain steps ran, per batch shape (empty when they all run eager)."""
-        execution = self._executions.get(name)
-        return dict(execution.choices) if execution is not None else {}
+        return dict(self._executions[name].choices) if name in self._executions else {}
 
     def program(self, copies: bool = False, scaled: str | None = None, bind_batches: bool = False) -> Program:
         """An immutable snapshot of every level for the traversal (:func:`betty_like.hypergrad.hypergradient`).
 
-        With ``copies`` the leaves of problems without a window enter as copies (still differentiable
-        to the leaves): a graph kept by an unrolled step then survives their in-place optimizer steps.
-        ``scaled`` names the problem whose loss enters multiplied by the fp16 loss scale. With
+        ``copies``: see :func:`~betty_like._snapshot.snapshot`. ``scaled`` names the problem whose loss enters multiplied by the fp16 loss scale. With
         ``bind_batches`` each loss keeps the batch its problem holds now (a step replayed later must
         see the same data); otherwise it reads the problem's batch when it runs.
         """
-        current = self.current_params()
-        levels = {}
-        for name, setup in self._setups.items():
-            window = self._windows[name]
-            if window is None:
-                setup.functional.reload_state()
-            levels[name] = Level(
-                name,
-                {k: current[k].clone() if copies and window is None else current[k] for k in setup.leaves},
-                partial(
-                    self._bound_loss,
-                    name,
-                    self._precision.scale if name == scaled else 1.0,
-                    batch=self._batches.get(name) if bind_batches else None,
-                ),
-                setup.method,
-                setup.problem.config,
-                setup.functional,
-                window is not None,
-                self._dist.push_wrap(self._precision.push_wrap(setup.problem.config)),
-                self._dist.matvec_wrap(self._precision.matvec_wrap()),
-            )
-        return Program(self.graph, levels)
+        scale, batch = self._precision.scale, (lambda n: self._batches.get(n) if bind_batches else None)
+        open_windows = {n for n, w in self._windows.items() if w is not None}
+        return snapshot(
+            self.graph, self._setups, open_windows, self.current_params(),
+            lambda n: partial(self._bound_loss, n, scale if n == scaled else 1.0, batch=batch(n)),
+            lambda n: (self._dist.push_wrap(self._precision.push_wrap(self._setups[n].problem.config)),
+                       self._dist.matvec_wrap(self._precision.matvec_wrap())),
+            copies,
+        )
+
+    @contextlib.contextmanager
+    def borrowed_batches(self) -> Iterator[None]:
+        """Batches drawn inside (a problem without a current one) go back to their streams on exit."""
+        with borrowed(self._batches, {n: s.stream for n, s in self._setups.items()}):
+            yield
 
     def run(self, iterations: int | None = None) -> Engine:
         """Run until ``config.train_iters`` iterations are done, or ``iterations`` more; returns self.
@@ -171,9 +168,7 @@ class Engine:
         """
         if iterations is not None and (not isinstance(iterations, int) or iterations < 0):
             raise ValueError(f"run(iterations={iterations!r}) is invalid: use an integer >= 0 or None")
-        if self.config.seed is not None and not self._seeded:
-            torch.manual_seed(self.config.seed)
-            self._seeded = True
+        self._seeded = self._seeded or seeded(self.config.seed)
         self.callbacks.call("on_run_start", self)
         try:
             count = max(self.config.train_iters - self.iteration, 0) if iterations is None else iterations
@@ -192,6 +187,7 @@ class Engine:
 
     def step(self) -> None:
         """One iteration: every leaf problem steps once, and whatever becomes due steps after it."""
+        check_unchanged(self._setups)
         if not self._pending:
             self._pending.extend([leaf] for leaf in self.graph.leaves())
         while self._pending:
@@ -228,8 +224,8 @@ class Engine:
                 self._draw(name, drawn)
                 taken = self._executions[name].step(
                     self._batches[name],
-                    lambda: self._complete(name, self._compute(name)),
-                    lambda: self._complete(name, self._replayed(name)),
+                    lambda: self._finish(name, o := self._compute(name), self._loss_value(name, o.loss)),
+                    lambda: self._finish(name, o := self._replayed(name), self._loss_value(name, o.loss)),
                 )
                 reports = [name] if taken and self._count(name) else []
             else:
@@ -271,9 +267,10 @@ class Engine:
             return self._unrolled(name)
         with self._precision.forward():
             if self.graph.lowers(name):
-                result = hypergradient(self.program(scaled=name), name)
+                with self._evaluations.step():
+                    result = hypergradient(self.program(scaled=name), name)
                 loss, gradient = self._global(result.loss.detach(), detach(result.gradient))
-                return StepOutcome(loss, gradient, partial(self._apply, name), result.infos, result.warnings)
+                return self._guarded(name, StepOutcome(loss, gradient, partial(self._apply, name), result.infos, result.warnings))
             values = None if all(w is None for w in self._windows.values()) else self.current_params()
             loss = self._bound_loss(name, self._precision.scale, values)
             keys = list(setup.leaves)
@@ -291,7 +288,7 @@ class Engine:
         window = self._window(name)
         keep = keeps_graph(config.truncate, window.steps + 1, setup.period)
         remat = keep and config.unroll_memory == "remat"
-        with self._precision.forward(config, second_order=keep):
+        with self._precision.forward(config, second_order=keep), self._evaluations.step():
             program = self.program(copies=keep, scaled=name, bind_batches=remat)
             if remat:
                 step = WindowStep(program, name, window.params, window.state, setup.functional, config.grad_clip, setup.method.through_w)
@@ -301,15 +298,17 @@ class Engine:
                 result, origin = window_gradient(program, name, window.params, keep, setup.method.through_w)
                 commit = partial(self._advance_window, name, lambda g: setup.functional.step(origin, g, window.state))
         result.loss, result.gradient = self._global(result.loss.detach(), result.gradient)
-        return StepOutcome(result.loss, result.gradient, commit, result.infos, result.warnings)
+        return self._guarded(name, StepOutcome(result.loss, result.gradient, commit, result.infos, result.warnings))
+
+    def _guarded(self, name: str, outcome: StepOutcome) -> StepOutcome:
+        """Failed solves and a non-finite gradient (with a finite loss) are handled before anything commits."""
+        where = Where(name, self._schedule[name].steps + 1, self.iteration + 1)
+        outcome.skip = guard(where, outcome.loss, outcome.gradient, outcome.infos, self._configs, self._warn_once)
+        return outcome
 
     def _advance_window(self, name: str, step: Callable[[Params], tuple[Params, Any]], gradient: Params) -> None:
         """Commit of an unrolled step: the next window, mirrored into the user's module."""
-        params, state = step(gradient)
-        self._windows[name] = Window(params, state, self._windows[name].steps + 1)
-        with torch.no_grad():  # the user's module always holds the latest weights
-            for key, leaf in self._setups[name].leaves.items():
-                leaf.copy_(params[key])
+        self._windows[name] = self._windows[name].advanced(*step(gradient), mirror=self._setups[name].leaves)
 
     def _replayed(self, name: str) -> StepOutcome:
         """The captured step (:mod:`betty_like.execution.compiled`); its commit is the captured update."""
@@ -317,14 +316,13 @@ class Engine:
         loss, gradient, commit = self._executions[name].replay(self._batches[name], context)
         return StepOutcome(loss, gradient, lambda _: commit())
 
-    def _complete(self, name: str, outcome: StepOutcome) -> bool:
-        return self._finish(name, outcome, self._loss_value(name, outcome.loss))
-
     def _finish(self, name: str, outcome: StepOutcome, value: float | None) -> bool:
         """Clip, commit, step the scheduler, record; returns whether the step was taken (not skipped)."""
         problem, record = self.problems[name], self._records[name]
-        if value is None or not self._precision.accept(name, outcome.gradient):
+        if value is None or outcome.skip or not self._precision.accept(name, outcome.gradient):
             record.skipped += 1
+            if outcome.skip:  # the windows it read are spent: they reopen from the weights, never grow
+                self._consume(name)
             return False
         clip = problem.config.grad_clip
         outcome.commit(clip_grad_norm(outcome.gradient, clip) if clip is not None else outcome.gradient)
@@ -357,6 +355,10 @@ class Engine:
         for key, leaf in setup.leaves.items():
             leaf.grad = gradient[key].detach().to(leaf.dtype) if key in gradient else None
         setup.problem.optimizer.step()
+        self._consume(name)
+
+    def _consume(self, name: str) -> None:
+        """Close the unrolled windows ``name``'s hypergradient went through (their state goes to the user's optimizer)."""
         for dependent in self.graph.consumed(name):
             window = self._windows[dependent]
             if window is not None:
@@ -368,16 +370,14 @@ class Engine:
         setup = self._setups[name]
         past_warmup = self._schedule[name].steps >= setup.problem.config.warmup_steps
         if self._windows[name] is None and setup.unrolls and past_warmup:
-            setup.functional.reload_state()
-            weights = {k: t.detach().clone().requires_grad_(True) for k, t in setup.leaves.items()}
-            self._windows[name] = Window(weights, setup.functional.state)
+            self._windows[name] = Window.opened(setup.leaves, setup.functional)
         return self._windows[name]
 
     def _bound_loss(self, name: str, loss_scale: float, values: Params, batch: Any = None) -> Tensor:
         """``name``'s loss on ``batch`` (default: its current one, drawn now if it has none) at ``values``, times ``loss_scale``."""
         if batch is None and name not in self._batches:
             self._batches[name] = self._setups[name].stream.next(self.iteration + 1)
-        loss = self._loss(name, self._batches[name] if batch is None else batch, values)
+        loss = self._evaluations.call(name, partial(self._loss, name, self._batches[name] if batch is None else batch, values))
         return loss * loss_scale if loss_scale != 1.0 else loss
 
     def _loss(self, name: str, batch: Any, values: Params | None) -> Tensor:
@@ -390,8 +390,8 @@ class Engine:
 
     def _loss_value(self, name: str, loss: Tensor) -> float | None:
         """The loss as a float (one host sync, shared with logging), or None if the step is to be skipped."""
-        policy = self.problems[name].config.on_nonfinite
-        return finite_loss(name, loss, policy, self.iteration + 1, self._schedule[name].steps, self._warn_once)
+        where = Where(name, self._schedule[name].steps, self.iteration + 1)
+        return loss_value(where, loss, self._configs[name].on_nonfinite, self._warn_once)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -101,7 +101,7 @@ def test_checker_exact_and_unroll_references_agree_at_a_solution():
     case = ridge("cg")
     case.engine.run()
     (exact,) = check_hypergradient(case.engine, method="cg", reference="exact")
-    (unroll,) = check_hypergradient(case.engine, method="cg", reference="unroll")
+    (unroll,) = check_hypergradient(case.engine, method="cg", reference="fixed_point")
     assert exact.relative_error < 1e-10 and unroll.relative_error < 1e-10
     assert exact.info["inner"].solve.residuals[-1] < 1e-12
     assert "relative error" in str(exact)

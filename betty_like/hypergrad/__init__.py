@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from . import cg, darts, first_order, fixed_point, neumann, sama, unroll
 from ._context import HypergradContext, HypergradInfo
-from ._linsolve import LinearSystem, SolveInfo, conjugate_gradient, dense
+from ._linsolve import LinearSystem, SolveInfo, conjugate_gradient, dense, minres
 from ._linsolve import neumann as neumann_series
 from ._method import Method
 from .total_derivative import Hypergradient, Level, Program, hypergradient
@@ -56,5 +56,6 @@ __all__ = [
     "dense",
     "get_method",
     "hypergradient",
+    "minres",
     "neumann_series",
 ]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from ._tree import Params, axpy, detach, dot, grads, norm, scale, zeros_like
 
@@ -26,11 +27,24 @@ Solver = Callable[[MatVec, Params], tuple[Params, "SolveInfo"]]
 GraphMatVec = Callable[[Params, bool], Params]
 
 
+OUTCOMES = ("converged", "out_of_iterations", "diverged", "negative_curvature", "non_finite", "non_finite_input")
+FAILURES = ("diverged", "negative_curvature", "non_finite")
+_GROWTH_WINDOW = 5  # consecutive growing residuals that, with a doubling since the best one, mean divergence
+
+
 @dataclass
 class SolveInfo:
     """Diagnostics of one linear solve.
 
-    ``residuals[k]`` is ``||b - A x_k|| / ||b||`` after iteration ``k + 1``.
+    ``residuals[k]`` is ``||b - A x_k|| / ||b||`` after iteration ``k + 1``. ``outcome`` is one of
+    :data:`OUTCOMES`: ``converged`` (reached ``tol``), ``out_of_iterations`` (a legitimate budget; the
+    answer is as good as its last residual), or a failure (:data:`FAILURES`): ``diverged`` (the residual
+    grew: a Neumann or fixed-point series whose step is too large for the curvature), ``non_finite`` (a
+    Hessian-vector product or the iteration produced NaN/inf), ``negative_curvature`` (conjugate gradient
+    met a non-positive direction and no valid continuation was allowed). ``non_finite_input``: the
+    right-hand side was already NaN/inf, which is the caller's fault, not the solver's (not a failure
+    here: it is reported where it came from). ``negative_curvature`` as a flag
+    says the system was found indefinite, also when the solve continued validly with MINRES.
     """
 
     solver: str
@@ -38,17 +52,85 @@ class SolveInfo:
     residuals: list[float] = field(default_factory=list)
     converged: bool = False
     negative_curvature: bool = False
+    outcome: str = "out_of_iterations"
+    alpha: float | None = None  # the Neumann step actually used (estimated when not configured)
 
     @property
     def residual(self) -> float:
         return self.residuals[-1] if self.residuals else float("nan")
 
+    @property
+    def failed(self) -> bool:
+        return self.outcome in FAILURES
 
-def conjugate_gradient(matvec: MatVec, b: Params, *, iterations: int, tol: float) -> tuple[Params, SolveInfo]:
-    """Solve ``A x = b`` for symmetric positive definite ``A`` by conjugate gradient.
+    def finish(self, outcome: str) -> SolveInfo:
+        self.outcome = outcome
+        self.converged = outcome == "converged"
+        return self
 
-    Stops at ``tol`` relative residual, after ``iterations`` steps, or when it meets a direction
-    of non-positive curvature (``A`` not positive definite there: add damping), which it reports.
+    def describe(self) -> str:
+        """One line: outcome, iterations and the residual history (first, best, last few)."""
+        history = self.residuals
+        shown = history if len(history) <= 6 else [*history[:2], *history[-4:]]
+        text = ", ".join(f"{r:.3g}" for r in shown)
+        if len(history) > 6:
+            text = text.replace(f"{shown[1]:.3g}, ", f"{shown[1]:.3g}, ..., ", 1)
+        best = min(history) if history and all(math.isfinite(r) for r in history) else float("nan")
+        step = "" if self.alpha is None else f", alpha {self.alpha:.4g}"
+        return (
+            f"{self.solver} {self.outcome} after {self.iterations} iterations{step}; relative residuals "
+            f"[{text}] (best {best:.3g})"
+        )
+
+
+def _bad_input(b_norm: Tensor, info: SolveInfo) -> bool:
+    """A NaN/inf right-hand side: reported as such, and passed on (the NaN must stay visible)."""
+    if math.isfinite(float(b_norm)):
+        return False
+    info.residuals.append(float("nan"))
+    info.finish("non_finite_input")
+    return True
+
+
+def _unknown(b: Params) -> Params:
+    """The answer of a solve that met NaN/inf: NaN, so that no finite guess passes for it downstream."""
+    return {k: torch.full_like(t, float("nan")) for k, t in b.items()}
+
+
+def _verdict(residuals: list[float], tol: float) -> str | None:
+    """The outcome a residual history already decides (``None``: keep iterating)."""
+    last = residuals[-1]
+    if not math.isfinite(last):
+        return "non_finite"
+    if last <= tol:
+        return "converged"
+    if last > 1e12:
+        return "diverged"
+    recent = residuals[-_GROWTH_WINDOW - 1 :]
+    growing = len(recent) == _GROWTH_WINDOW + 1 and all(b > a for a, b in zip(recent, recent[1:], strict=False))
+    if growing and last > 2.0 * min(residuals):
+        return "diverged"
+    return None
+
+
+def _final(residuals: list[float]) -> str:
+    """Out of iterations, or diverged if the series was still growing when the budget ended."""
+    recent = residuals[-4:]
+    if len(recent) == 4 and all(b > a for a, b in zip(recent, recent[1:], strict=False)) and recent[-1] > min(residuals):
+        return "diverged"
+    return "out_of_iterations"
+
+
+def conjugate_gradient(
+    matvec: MatVec, b: Params, *, iterations: int, tol: float, indefinite: str = "minres"
+) -> tuple[Params, SolveInfo]:
+    """Solve ``A x = b`` for symmetric ``A`` by conjugate gradient.
+
+    CG needs ``A`` positive definite. When it meets a direction of non-positive curvature, its
+    iterate is no approximation of the answer (on a saddle it can be exactly zero, or of the wrong
+    sign), so it is never returned: with ``indefinite="minres"`` the solve starts again with MINRES,
+    valid for any symmetric nonsingular ``A``, on the remaining budget (at least half of
+    ``iterations``); with ``indefinite="fail"`` it reports ``negative_curvature`` and returns zeros.
     """
     info = SolveInfo("cg")
     x = zeros_like(b)
@@ -56,63 +138,142 @@ def conjugate_gradient(matvec: MatVec, b: Params, *, iterations: int, tol: float
     p = dict(b)
     rs = dot(r, r)
     b_norm = rs.sqrt()
+    if _bad_input(b_norm, info):
+        return dict(b), info
     if float(b_norm) == 0.0:
-        info.converged = True
-        return x, info
+        return x, info.finish("converged")
     for _ in range(iterations):
         ap = matvec(p)
-        curvature = dot(p, ap)
-        if float(curvature) <= 0.0:
+        curvature = float(dot(p, ap))
+        if not math.isfinite(curvature):
+            info.residuals.append(float("nan"))
+            return _unknown(b), info.finish("non_finite")
+        if curvature <= 0.0:
             info.negative_curvature = True
-            break
+            if indefinite != "minres":
+                return zeros_like(b), info.finish("negative_curvature")
+            budget = max(iterations - info.iterations, (iterations + 1) // 2)
+            x, rest = minres(matvec, b, iterations=budget, tol=tol)
+            info.solver = "cg+minres"
+            info.iterations += rest.iterations
+            info.residuals.extend(rest.residuals)
+            return x, info.finish(rest.outcome)
         step = rs / curvature
         x = axpy(step, p, x)
         r = axpy(-step, ap, r)
         rs_next = dot(r, r)
         info.iterations += 1
-        relative = float(rs_next.sqrt() / b_norm)
-        info.residuals.append(relative)
-        if relative <= tol:
-            info.converged = True
-            break
+        info.residuals.append(float(rs_next.sqrt() / b_norm))
+        verdict = _verdict(info.residuals, tol)
+        if verdict is not None and verdict != "diverged":  # CG's residual may rise on its way down
+            return (_unknown(b) if verdict == "non_finite" else x), info.finish(verdict)
         p = axpy(rs_next / rs, p, r)
         rs = rs_next
-    return x, info
+    return x, info.finish("out_of_iterations")
+
+
+def minres(matvec: MatVec, b: Params, *, iterations: int, tol: float) -> tuple[Params, SolveInfo]:
+    """Solve ``A x = b`` for symmetric, possibly indefinite ``A`` by MINRES (Paige and Saunders, 1975).
+
+    Each iterate minimises ``||b - A x||`` over the Krylov space, so the residual never grows and a
+    truncated iterate is still the best answer that space holds. One product per iteration, like CG.
+    The residual is the recurrence's estimate (exact in exact arithmetic).
+    """
+    info = SolveInfo("minres")
+    x = zeros_like(b)
+    b_norm = norm(b)
+    if _bad_input(b_norm, info):
+        return dict(b), info
+    beta1 = float(b_norm)
+    if beta1 == 0.0:
+        return x, info.finish("converged")
+    r1, r2, y = dict(b), dict(b), dict(b)
+    beta, old_beta, dbar, epsilon, phibar, cs, sn = beta1, 0.0, 0.0, 0.0, beta1, -1.0, 0.0
+    w, w2 = zeros_like(b), zeros_like(b)
+    for k in range(iterations):
+        v = scale(1.0 / beta, y)
+        y = matvec(v)
+        if k > 0:
+            y = axpy(-beta / old_beta, r1, y)
+        alfa = float(dot(v, y))
+        y = axpy(-alfa / beta, r2, y)
+        r1, r2 = r2, y
+        old_beta, beta = beta, float(norm(y))
+        old_epsilon = epsilon
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        epsilon = sn * beta
+        dbar = -cs * beta
+        gamma = max(math.hypot(gbar, beta), 1e-300)
+        cs, sn = gbar / gamma, beta / gamma
+        phi, phibar = cs * phibar, sn * phibar
+        w1, w2 = w2, w
+        w = {key: (v[key] - old_epsilon * w1[key] - delta * w2[key]) / gamma for key in v}
+        x = axpy(phi, w, x)
+        info.iterations += 1
+        relative = phibar / beta1 if math.isfinite(alfa) and math.isfinite(beta) else float("nan")
+        info.residuals.append(relative)
+        verdict = _verdict(info.residuals, tol)
+        if verdict is not None:
+            return (_unknown(b) if verdict == "non_finite" else x), info.finish(verdict)
+        if beta == 0.0:  # the Krylov space is exhausted: x is exact
+            return x, info.finish("converged")
+    return x, info.finish("out_of_iterations")
+
+
+def largest_eigenvalue(matvec: MatVec, start: Params, iterations: int = 10) -> float:
+    """``max |eig(A)|`` estimated by power iteration from ``start`` (no random draws: the RNG is the user's)."""
+    u = scale(1.0 / norm(start), start)
+    estimate = 0.0
+    for _ in range(iterations):
+        au = matvec(u)
+        size = float(norm(au))
+        if not math.isfinite(size) or size == 0.0:
+            return size
+        estimate = size
+        u = scale(1.0 / size, au)
+    return estimate
 
 
 def neumann(
-    matvec: MatVec, b: Params, *, iterations: int, tol: float, alpha: float
+    matvec: MatVec, b: Params, *, iterations: int, tol: float, alpha: float | None
 ) -> tuple[Params, SolveInfo]:
     """Solve ``A x = b`` by the Neumann series ``x = alpha * sum_j (I - alpha A)^j b``.
 
     Converges when the spectral radius of ``I - alpha A`` is below one (for a Hessian: ``alpha``
-    below ``2 / L``). The next series term equals the current residual, so the residual history
-    costs no extra products.
+    below ``2 / L``). ``alpha=None`` estimates ``L`` by ten power iterations (ten more products) and
+    uses ``1 / L``, safe while the estimate is within a factor two of the truth. The next series term
+    equals the current residual, so the residual history costs no extra products; a history that
+    grows is reported as ``diverged`` and the partial sum is not returned as an answer.
     """
     info = SolveInfo("neumann")
+    b_norm = norm(b)
+    if _bad_input(b_norm, info):
+        return dict(b), info
+    if float(b_norm) == 0.0:
+        return zeros_like(b), info.finish("converged")
+    if alpha is None:
+        largest = largest_eigenvalue(matvec, b)
+        if not math.isfinite(largest):
+            info.residuals.append(float("nan"))
+            return _unknown(b), info.finish("non_finite")
+        alpha = 1.0 / largest if largest > 0 else 1.0
+    info.alpha = alpha
     term = dict(b)
     total = dict(b)
-    b_norm = norm(b)
-    if float(b_norm) == 0.0:
-        info.converged = True
-        return zeros_like(b), info
     for _ in range(iterations):
         term = axpy(-alpha, matvec(term), term)
         info.iterations += 1
-        relative = float(norm(term) / b_norm)
-        info.residuals.append(relative)
-        if relative <= tol:
-            info.converged = True
+        info.residuals.append(float(norm(term) / b_norm))
+        verdict = _verdict(info.residuals, tol)
+        if verdict == "converged":
             total = axpy(1.0, term, total)
-            break
-        if not math.isfinite(relative) or relative > 1e12:
-            raise FloatingPointError(
-                f"Neumann series diverged (relative residual {relative:.3g} after {info.iterations} "
-                f"iterations) with alpha={alpha}: use a smaller alpha (below 2 / largest Hessian "
-                "eigenvalue), or the 'cg' method."
-            )
+        if verdict == "non_finite":
+            return _unknown(b), info.finish(verdict)
+        if verdict is not None:
+            return scale(alpha, total), info.finish(verdict)
         total = axpy(1.0, term, total)
-    return scale(alpha, total), info
+    return scale(alpha, total), info.finish(_final(info.residuals))
 
 
 def dense(matvec: MatVec, b: Params) -> tuple[Params, SolveInfo]:
@@ -132,11 +293,15 @@ def dense(matvec: MatVec, b: Params) -> tuple[Params, SolveInfo]:
         )
         columns.append(torch.cat([column[n].reshape(-1) for n in names]).to(torch.float64))
     matrix = torch.stack(columns, dim=1)
-    solution = torch.linalg.solve(matrix, flat_b)
+    try:
+        solution = torch.linalg.solve(matrix, flat_b)
+    except torch.linalg.LinAlgError:  # e.g. a bias before BatchNorm: the minimum-norm answer, and say so
+        solution = torch.linalg.pinv(matrix, hermitian=True) @ flat_b
+        info.solver = "dense (singular: pseudo-inverse)"
     residual = torch.linalg.vector_norm(matrix @ solution - flat_b) / torch.linalg.vector_norm(flat_b)
     info.iterations = flat_b.numel()
     info.residuals.append(float(residual))
-    info.converged = True
+    info.finish("converged" if math.isfinite(float(residual)) else "non_finite")
     pieces = torch.split(solution, sizes)
     return {
         n: piece.reshape(s).to(b[n].dtype) for n, piece, s in zip(names, pieces, shapes, strict=False)

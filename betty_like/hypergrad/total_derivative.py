@@ -157,14 +157,24 @@ class _Record:
     warnings: list[str] = field(default_factory=list)
 
     def add(self, info: HypergradInfo) -> None:
+        """Keep the latest push of each lower problem, unless an earlier one in this traversal failed."""
+        previous = self.infos.get(info.problem)
+        if previous is not None and _failed(previous) and not _failed(info):
+            return
         self.infos[info.problem] = info
         solve = info.solve
-        if solve is not None and solve.negative_curvature:
+        if solve is not None and solve.negative_curvature and not solve.failed:
             message = (
-                f"problem {info.problem!r}: cg met non-positive curvature; set ProblemConfig(damping=...) or use neumann"
+                f"problem {info.problem!r}: its Hessian is indefinite here (cg met non-positive curvature); the "
+                "solve continued with MINRES, valid for a symmetric indefinite system. If its loss should be "
+                "convex near its solution, train it further or set ProblemConfig(damping=...)"
             )
             if message not in self.warnings:
                 self.warnings.append(message)
+
+
+def _failed(info: HypergradInfo) -> bool:
+    return info.solve is not None and info.solve.failed
 
 
 def _merge(base: Params, responses: Mapping[str, Params]) -> Params:

@@ -1,0 +1,158 @@
+"""What stands between a computed step and its commit: failed solves and non-finite hypergradients.
+
+Both are checked before anything changes, so a raise leaves the wave's transaction intact and the
+user's optimizer never sees a NaN. Messages name the upper problem whose step it is, the lower
+problem whose solve failed, the method, the residuals and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .hypergrad import HypergradInfo
+from .optim import Params
+
+log = logging.getLogger("betty_like")
+
+BUDGET_RESIDUAL = 1e-2  # an out-of-iterations solve above this relative residual is logged
+
+
+class SolverFailure(FloatingPointError):
+    """A linear solve in a hypergradient failed (diverged, NaN/inf, negative curvature)."""
+
+
+@dataclass(frozen=True)
+class Where:
+    """The step being checked: the problem taking it, its step number and the engine iteration (1-based)."""
+
+    problem: str
+    step: int
+    iteration: int
+
+    def __str__(self) -> str:
+        return f"at its step {self.step} (iteration {self.iteration})"
+
+
+def _fix(info: HypergradInfo, lower: str) -> str:
+    outcome = info.solve.outcome if info.solve is not None else ""
+    if outcome == "diverged" and info.method == "fixed_point":
+        return (
+            f"the update of {lower!r}'s optimizer is no contraction here: lower its learning rate, set "
+            f"ProblemConfig(damping=...) on {lower!r}, or use hypergrad='cg'"
+        )
+    if outcome == "diverged":
+        return (
+            f"the Neumann step is too large for the curvature: on {lower!r} set ProblemConfig(alpha=...) below "
+            "2 / L (L the largest Hessian eigenvalue; alpha=None estimates it), add damping=..., or use "
+            "hypergrad='cg' (its Hessian may also be indefinite here: cg handles that)"
+        )
+    if outcome == "negative_curvature":
+        return f"{lower!r}'s Hessian is not positive definite here: set ProblemConfig(damping=...) on {lower!r}"
+    return (
+        f"a Hessian-vector product of {lower!r}'s training_step was NaN/inf: look for operations whose second "
+        "derivative is undefined at the current point (sqrt or log at 0, torch.where with a NaN branch), "
+        f"set ProblemConfig(damping=...) on {lower!r}, or use hypergrad='darts'"
+    )
+
+
+def check_solves(
+    where: Where, infos: Mapping[str, HypergradInfo], configs: Mapping[str, Any], warn_once: Callable[[str, str], None]
+) -> None:
+    """Apply each lower problem's ``on_solver_failure`` to its solve; log budget-limited solves once."""
+    for lower, info in infos.items():
+        solve = info.solve
+        if solve is None:
+            continue
+        if solve.failed:
+            message = (
+                f"problem {where.problem!r} {where}: the {info.method} solve through lower problem {lower!r} "
+                f"failed: {solve.describe()}. Fix: {_fix(info, lower)}; or set "
+                f"ProblemConfig(on_solver_failure='warn') on {lower!r} to use the result anyway"
+            )
+            policy = configs[lower].on_solver_failure
+            if policy == "raise":
+                raise SolverFailure(message)
+            if policy == "warn":
+                log.warning(message)
+        elif solve.outcome == "out_of_iterations" and solve.residual > BUDGET_RESIDUAL:
+            warn_once(
+                f"budget:{where.problem}:{lower}",
+                f"problem {where.problem!r} {where}: the {info.method} solve through {lower!r} used all its "
+                f"iterations with relative residual {solve.residual:.3g} ({solve.describe()}); the hypergradient "
+                f"is approximate: raise ProblemConfig(iterations=...) on {lower!r} if it must be accurate "
+                "(logged once; status().diagnostics has every solve)",
+            )
+
+
+def nonfinite_gradient(where: Where, gradient: Params, infos: Mapping[str, HypergradInfo]) -> str | None:
+    """A message naming the non-finite entries of ``gradient`` and where they came from, or ``None``."""
+    keys = list(gradient)
+    if not keys:
+        return None
+    finite = torch.stack([torch.isfinite(gradient[k].detach()).all() for k in keys]).tolist()
+    bad = [k for k, ok in zip(keys, finite, strict=True) if not ok]
+    if not bad:
+        return None
+    inputs = sorted(n for n, i in infos.items() if i.solve is not None and i.solve.outcome == "non_finite_input")
+    solves = sorted(n for n, i in infos.items() if i.solve is not None and i.solve.outcome == "non_finite")
+    if inputs:
+        origin = (
+            f"its own gradient: the derivative of {where.problem!r}'s loss with respect to the solution of "
+            f"{inputs} is already NaN/inf (a finite loss with a NaN gradient: e.g. torch.where(s > 2, sqrt(s - 1), 0) "
+            "differentiates both branches; mask the input of sqrt/log, not its output)"
+        )
+    elif solves:
+        origin = f"a Hessian-vector product in the solve through {solves} (its diagnostics say non_finite)"
+    else:
+        origin = (
+            f"its own gradient or a second-derivative product of a lower problem's loss ({sorted(infos) or 'none'}); "
+            "every linear solve was finite"
+        )
+    return (
+        f"problem {where.problem!r} {where}: its hypergradient is NaN/inf in {bad} while its loss is finite. "
+        f"It came from {origin}. The optimizer was not stepped; set ProblemConfig(on_nonfinite='skip') on "
+        f"{where.problem!r} to skip such steps"
+    )
+
+
+def guard(
+    where: Where,
+    loss: Tensor,
+    gradient: Params,
+    infos: Mapping[str, HypergradInfo],
+    configs: Mapping[str, Any],
+    warn_once: Callable[[str, str], None],
+) -> bool:
+    """Check a computed step before it commits; returns whether to skip it (``on_nonfinite="skip"``)."""
+    check_solves(where, infos, configs, warn_once)
+    if not math.isfinite(float(loss.detach())):
+        return False  # the loss policy speaks first
+    message = nonfinite_gradient(where, gradient, infos)
+    if message is None:
+        return False
+    if configs[where.problem].on_nonfinite != "skip":
+        raise FloatingPointError(message)
+    log.warning(message.replace("The optimizer was not stepped", "Skipped"))
+    return True
+
+
+def loss_value(where: Where, loss: Tensor, policy: str, warn_once: Callable[[str, str], None]) -> float | None:
+    """The loss as a float, or ``None`` if the step is to be skipped (``on_nonfinite="skip"``)."""
+    value = float(loss.detach())
+    if math.isfinite(value):
+        return value
+    name = where.problem
+    if policy == "skip":
+        warn_once(f"skip:{name}", f"problem {name!r}: non-finite loss, skipping its steps (see status().skipped)")
+        return None
+    raise FloatingPointError(
+        f"problem {name!r}: training_step returned {value} at iteration {where.iteration} (its step "
+        f"{where.step}); fix the loss, lower the learning rate, or set ProblemConfig(on_nonfinite='skip')"
+    )

@@ -1,0 +1,42 @@
+"""The immutable snapshot of every level that the engine hands to the traversal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor
+
+from .graph import Graph
+from .hypergrad import Level, Program
+from .optim import Params
+
+
+def snapshot(
+    graph: Graph,
+    setups: Mapping[str, Any],
+    open_windows: set[str],
+    current: Params,
+    loss_of: Callable[[str], Callable[[Params], Tensor]],
+    wraps_of: Callable[[str], tuple[Callable, Callable]],
+    copies: bool,
+) -> Program:
+    """A :class:`~betty_like.hypergrad.Program` of every problem at its ``current`` parameters.
+
+    With ``copies`` the leaves of problems without an open window enter as copies (still
+    differentiable to the leaves): a graph kept by an unrolled step then survives their in-place
+    optimizer steps. ``loss_of(name)`` is the problem's loss as the traversal calls it; ``wraps_of``
+    its push and matvec wrappers (precision, data parallel).
+    """
+    levels = {}
+    for name, setup in setups.items():
+        windowed = name in open_windows
+        if not windowed:
+            setup.functional.reload_state()  # the user's optimizer may have stepped since
+        params = {k: current[k].clone() if copies and not windowed else current[k] for k in setup.leaves}
+        push_wrap, matvec_wrap = wraps_of(name)
+        config = setup.problem.config
+        levels[name] = Level(
+            name, params, loss_of(name), setup.method, config, setup.functional, windowed, push_wrap, matvec_wrap
+        )
+    return Program(graph, levels)
