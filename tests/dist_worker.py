@@ -21,12 +21,14 @@ ITERATIONS = 20
 # finite differences divide float32 rounding (the sum order of two shards) by 2 * eps: 3.4e-5 relative in
 # float32, so darts and sama are compared in float64
 DTYPES = {"darts": torch.float64, "sama": torch.float64}
+# The untrained MLP's Hessian is indefinite, so these short solves may be reported as failed; this test is
+# about one process and two giving the same arithmetic, whatever the solve's outcome: use the result.
 CONFIGS = {
     "first_order": {"hypergrad": "first_order"},
     "unroll": {"hypergrad": "unroll"},
-    "cg": {"hypergrad": "cg", "iterations": 10, "damping": 1.0},
-    "neumann": {"hypergrad": "neumann", "iterations": 10},
-    "fixed_point": {"hypergrad": "fixed_point", "iterations": 10},
+    "cg": {"hypergrad": "cg", "iterations": 10, "damping": 1.0, "on_solver_failure": "ignore"},
+    "neumann": {"hypergrad": "neumann", "iterations": 10, "alpha": 0.3, "on_solver_failure": "ignore"},
+    "fixed_point": {"hypergrad": "fixed_point", "iterations": 10, "on_solver_failure": "ignore"},
     "darts": {"hypergrad": "darts"},
     "sama": {"hypergrad": "sama"},
 }
