@@ -129,11 +129,16 @@ def guard(
     infos: Mapping[str, HypergradInfo],
     configs: Mapping[str, Any],
     warn_once: Callable[[str, str], None],
+    scaled: bool = False,
 ) -> bool:
-    """Check a computed step before it commits; returns whether to skip it (``on_nonfinite="skip"``)."""
+    """Check a computed step before it commits; returns whether to skip it (``on_nonfinite="skip"``).
+
+    With ``scaled`` (fp16 loss scaling) an inf/NaN gradient is the scaler's overflow signal, which it
+    handles itself (skip the step, halve the scale), so it is not an error here.
+    """
     check_solves(where, infos, configs, warn_once)
-    if not math.isfinite(float(loss.detach())):
-        return False  # the loss policy speaks first
+    if scaled or not math.isfinite(float(loss.detach())):
+        return False  # the scaler, or the loss policy, speaks first
     message = nonfinite_gradient(where, gradient, infos)
     if message is None:
         return False

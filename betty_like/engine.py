@@ -302,8 +302,8 @@ class Engine:
 
     def _guarded(self, name: str, outcome: StepOutcome) -> StepOutcome:
         """Failed solves and a non-finite gradient (with a finite loss) are handled before anything commits."""
-        where = Where(name, self._schedule[name].steps + 1, self.iteration + 1)
-        outcome.skip = guard(where, outcome.loss, outcome.gradient, outcome.infos, self._configs, self._warn_once)
+        where, scaled = Where(name, self._schedule[name].steps + 1, self.iteration + 1), self._precision.scaler is not None
+        outcome.skip = guard(where, outcome.loss, outcome.gradient, outcome.infos, self._configs, self._warn_once, scaled)
         return outcome
 
     def _advance_window(self, name: str, step: Callable[[Params], tuple[Params, Any]], gradient: Params) -> None:

@@ -31,7 +31,7 @@ def test_a_parameter_frozen_after_building_the_optimizer_is_skipped_by_every_met
     engine.run()
     assert torch.equal(net[0].weight, frozen)
     assert not torch.equal(net[2].weight, trained)
-    assert "inner.0.weight" not in engine.leaves("inner")
+    assert "inner.0.weight" not in engine.program().levels["inner"].params
     assert torch.isfinite(outer.module.scale.detach()).all()
 
 

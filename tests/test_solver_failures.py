@@ -173,7 +173,7 @@ def test_a_small_iteration_budget_is_reported_and_logged_but_no_error(caplog):
     assert info.outcome == "out_of_iterations" and not info.failed and info.iterations == 2
     # independent reference: CG's k-th iterate minimises the H-norm error over span{b, Hb}
     xv, yv = regression_data(30, 5, seed=1)
-    w_star = case.engine.leaves("inner")["inner.weight"].detach().reshape(-1)
+    w_star = case.engine.problems["inner"].module.weight.detach().reshape(-1)
     b = xv.T @ (xv @ w_star - yv) / 30
     krylov = torch.stack([b, hessian @ b], dim=1)
     x2 = krylov @ torch.linalg.solve(krylov.T @ hessian @ krylov, krylov.T @ b)
@@ -283,4 +283,4 @@ def test_a_nan_hessian_vector_product_ignored_still_stops_at_the_upper():
     engine = kinked(on_solver_failure="ignore")
     with pytest.raises(FloatingPointError, match=r"problem 'upper' at its step 1.*Hessian-vector product in the solve through \['lower'\]"):
         engine.run()
-    assert float(engine.leaves("upper")["upper.w"].detach()) == 0.0
+    assert float(engine.problems["upper"].module.w.detach()) == 0.0
