@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
+from test_digits_agreement import Validation  # run as a script from tests/, whose folder is on sys.path
 from torch import nn
 
 from betty_like import Engine, EngineConfig, Problem, ProblemConfig
@@ -40,12 +41,6 @@ class WeightedMLP(Problem):
         weights = torch.sigmoid(self.weights.module.logits[idx])
         losses = F.cross_entropy(self.module(x), y, reduction="none")
         return (weights * losses).mean() + 0.5e-2 * sum((p**2).sum() for p in self.module.parameters())
-
-
-class Validation(Problem):
-    def training_step(self, batch):
-        x, y = batch
-        return F.cross_entropy(self.mlp(x), y)
 
 
 class Logits(nn.Module):
