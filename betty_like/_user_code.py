@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -52,22 +51,6 @@ def checked_loss(owner: str, loss: Any, iteration: int) -> Tensor:
             "self.module(...) or another problem's module, without detaching"
         )
     return loss if loss.dim() == 0 else loss.reshape(())
-
-
-def finite_loss(
-    owner: str, loss: Tensor, policy: str, iteration: int, steps: int, warn_once: Callable[[str, str], None]
-) -> float | None:
-    """``loss`` as a float, or ``None`` when it is not finite and ``policy`` is ``"skip"``; else an error with the fix."""
-    value = float(loss.detach())
-    if math.isfinite(value):
-        return value
-    if policy == "skip":
-        warn_once(f"skip:{owner}", f"problem {owner!r}: non-finite loss, skipping its steps (see status().skipped)")
-        return None
-    raise FloatingPointError(
-        f"problem {owner!r}: training_step returned {value} at iteration {iteration} (its step {steps}); fix the "
-        "loss, lower the learning rate, or set ProblemConfig(on_nonfinite='skip')"
-    )
 
 
 def validation_metrics(
