@@ -99,6 +99,17 @@ class ProblemConfig:
             forward, backward and update captured once per batch shape and replayed
             (:mod:`betty_like.execution`); or ``auto``, which times both on the first steps
             and keeps the faster. Steps that take a hypergradient or keep a graph for one stay eager.
+        compile_hypergrad: ``False`` (default), ``True`` or ``"auto"``: the Hessian-vector products
+            that the solvers of ``cg``, ``neumann`` and ``fixed_point`` take of *this* problem's loss are
+            captured with ``torch.compile`` in forward-over-reverse form, once per input shape
+            (:mod:`betty_like.execution.hvp`); ``"auto"`` times a compiled and an eager product once per
+            shape and keeps the faster. Products that carry a graph (a push differentiated again) and
+            models that cannot be captured use eager products (the latter logged once).
+        solver_check_every: how often a linear solver reads its residual and curvature on the host
+            (each read is a device synchronisation on a GPU): every ``n`` iterations and at the end.
+            ``None`` (default): every iteration when the vectors live on the CPU (a read costs nothing
+            there), every 10 on other devices. The residual history is complete either way; a solve that
+            converges between two checks stops at the next one, with a residual at or below ``tol``.
         hvp_precision: under ``EngineConfig(precision="bf16"|"fp16")``, the precision of what
             differentiates this problem's solution: ``"fp32"`` (its loss evaluated again without
             autocast for Hessian-vector products, finite differences and kept unrolled graphs:
@@ -125,6 +136,8 @@ class ProblemConfig:
     fixed_randomness: bool = False
     execution: str = "eager"
     hvp_precision: str = "fp32"
+    compile_hypergrad: bool | str = False
+    solver_check_every: int | None = None
 
     def __post_init__(self) -> None:
         owner = "ProblemConfig"
@@ -189,6 +202,15 @@ class ProblemConfig:
             self.execution,
             f"choose one of {list(EXECUTIONS)}",
         )
+        _check_solver_options(owner, self)
+
+
+def _check_solver_options(owner: str, config: ProblemConfig) -> None:
+    """``compile_hypergrad`` and ``solver_check_every``."""
+    mode = config.compile_hypergrad
+    _require(mode is False or mode is True or mode == "auto", owner, "compile_hypergrad", mode, "use False, True or 'auto'")
+    if config.solver_check_every is not None:
+        _positive_int(owner, "solver_check_every", config.solver_check_every)
 
 
 @dataclass

@@ -40,7 +40,7 @@ from .callbacks import Callback, Callbacks
 from .checkpoint import checkpoint_policies
 from .config import EngineConfig
 from .distributed import DataParallel
-from .execution import ExecutionChoice, plan_executions
+from .execution import ExecutionChoice, plan_executions, plan_hvps
 from .graph import Graph
 from .hypergrad import HypergradInfo, Program, hypergradient
 from .hypergrad._tree import detach
@@ -118,6 +118,7 @@ class Engine:
         self._evaluations = Evaluations(self._modules.buffers(), self.problems)
         self._configs = {n: s.config for n, s in self._setups.items()}
         self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once)
+        self._hvps = plan_hvps(self._setups, self._modules, lambda n: self._batches[n], self._warn_once)
 
     def status(self, name: str) -> ProblemStatus:
         """A read-only view of problem ``name``: steps, last loss, last gradient, solver diagnostics."""
@@ -140,9 +141,8 @@ class Engine:
     def program(self, copies: bool = False, scaled: str | None = None, bind_batches: bool = False) -> Program:
         """An immutable snapshot of every level for the traversal (:func:`betty_like.hypergrad.hypergradient`).
 
-        ``copies``: see :func:`~betty_like._snapshot.snapshot`. ``scaled`` names the problem whose loss enters multiplied by the fp16 loss scale. With
-        ``bind_batches`` each loss keeps the batch its problem holds now (a step replayed later must
-        see the same data); otherwise it reads the problem's batch when it runs.
+        ``copies``: see :func:`~betty_like._snapshot.snapshot`. ``scaled`` names the problem whose loss enters multiplied by the fp16 loss scale.
+        With ``bind_batches`` each loss keeps the batch its problem holds now (a step replayed later must see the same data).
         """
         scale, batch = self._precision.scale, (lambda n: self._batches.get(n) if bind_batches else None)
         open_windows = {n for n, w in self._windows.items() if w is not None}
@@ -151,7 +151,7 @@ class Engine:
             lambda n: partial(self._bound_loss, n, scale if n == scaled else 1.0, batch=batch(n)),
             lambda n: (self._dist.push_wrap(self._precision.push_wrap(self._setups[n].problem.config)),
                        self._dist.matvec_wrap(self._precision.matvec_wrap())),
-            copies,
+            copies, self._hvps,
         )
 
     @contextlib.contextmanager

@@ -29,7 +29,7 @@ _CPU_OPTIONS: dict[str, Any] = {"fullgraph": True, "dynamic": False, "options": 
 _CUDA_OPTIONS: dict[str, Any] = {"fullgraph": True, "dynamic": False, "mode": "reduce-overhead"}
 
 
-def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+def own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` with a code object of its own.
 
     Dynamo keeps its cache, and its limit of recompilations, per code object. Every captured step is
@@ -39,6 +39,11 @@ def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
     return types.FunctionType(
         fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
     )
+
+
+def compile_options(device_type: str) -> dict[str, Any]:
+    """``torch.compile`` options for a captured graph on a device of this type."""
+    return _CUDA_OPTIONS if device_type == "cuda" else _CPU_OPTIONS
 
 
 class CapturedStep:
@@ -107,8 +112,7 @@ class CapturedStep:
             results = [new_w[n] for n in names] + [new_state[n][k] for n, k in state_keys]
             return loss, [grads[n] for n in names], results
 
-        options = _CUDA_OPTIONS if self.device.type == "cuda" else _CPU_OPTIONS
-        self._compiled = torch.compile(_own_code(step), **options)
+        self._compiled = torch.compile(own_code(step), **compile_options(self.device.type))
 
     @staticmethod
     def _static(functional: FunctionalOptimizer, group: dict[str, Any]) -> dict[str, object]:

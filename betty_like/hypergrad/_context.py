@@ -37,6 +37,9 @@ class HypergradContext:
         create_graph: the push itself is differentiated further (a deeper level's stationarity).
         matvec_wrap: applied to every Hessian-vector product map: the place for precision and
             cross-process reduction.
+        compiled_hvp: ``() -> u -> H_ww u``, the objective's Hessian-vector product captured with
+            ``torch.compile`` at ``(w, x)``, or ``None`` (returned, or given) where eager products are used.
+            Only a solver's own iterations use it: their products are never differentiated.
     """
 
     owner: str
@@ -48,6 +51,7 @@ class HypergradContext:
     optimizer: FunctionalOptimizer
     create_graph: bool = False
     matvec_wrap: Callable[[MatVec], MatVec] = field(default=_identity)
+    compiled_hvp: Callable[[], MatVec | None] | None = None
 
 
 @dataclass

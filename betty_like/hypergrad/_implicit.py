@@ -17,7 +17,7 @@ from functools import partial
 import torch
 
 from ._context import HypergradContext, HypergradInfo
-from ._linsolve import GraphMatVec, LinearSystem, Solver, transpose
+from ._linsolve import GraphMatVec, LinearSystem, MatVec, Solver, transpose
 from ._tree import Params, axpy, grads, scale
 
 Residual = Callable[[Params, Params], Params]
@@ -39,19 +39,35 @@ def _damped(matvec: GraphMatVec, damping: float) -> GraphMatVec:
     return lambda u, create_graph: axpy(damping, u, matvec(u, create_graph))
 
 
+def compiled_hessian(ctx: HypergradContext) -> MatVec | None:
+    """The compiled product ``u -> H u`` of a gradient residual's Jacobian (``None``: eager products)."""
+    return ctx.compiled_hvp() if ctx.compiled_hvp is not None else None
+
+
 def root_push(
-    ctx: HypergradContext, residual: Residual, solver: Solver, method: str, symmetric: bool
+    ctx: HypergradContext,
+    residual: Residual,
+    solver: Solver,
+    method: str,
+    symmetric: bool,
+    compiled: Callable[[HypergradContext], MatVec | None] | None = None,
 ) -> tuple[Params, HypergradInfo]:
-    """``v^T dw*/dx`` for ``w*`` defined by ``residual(w*, x) = 0``."""
+    """``v^T dw*/dx`` for ``w*`` defined by ``residual(w*, x) = 0``.
+
+    ``compiled(ctx)`` may give a faster ``u -> (dr/dw)^T u`` for the solver's iterations (never
+    differentiated); products that carry a graph always come from the residual's own graph.
+    """
     r = residual(ctx.w, ctx.x)
     keys = list(r)
     outputs = [r[k] for k in keys]
+    fast = compiled(ctx) if compiled is not None else None
 
     def vjp_w(u: Params, create_graph: bool) -> Params:
         return grads(outputs, ctx.w, grad_outputs=[u[k] for k in keys], retain_graph=True, create_graph=create_graph)
 
     def product(u: Params, create_graph: bool) -> Params:  # precision and cross-process sums wrap the product itself
-        return ctx.matvec_wrap(partial(vjp_w, create_graph=create_graph))(u)
+        raw = fast if fast is not None and not create_graph else partial(vjp_w, create_graph=create_graph)
+        return ctx.matvec_wrap(raw)(u)
 
     matvec = _damped(product, ctx.config.damping)
 

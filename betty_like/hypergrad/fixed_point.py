@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
+
 from ._context import HypergradContext, HypergradInfo
-from ._implicit import Residual, default_tolerance, root_push
-from ._linsolve import neumann
+from ._implicit import Residual, compiled_hessian, default_tolerance, root_push
+from ._linsolve import MatVec, neumann
 from ._method import Method
 from ._tree import Params, grads
 
@@ -29,6 +31,35 @@ def update_residual(ctx: HypergradContext) -> Residual:
     return residual
 
 
+def compiled_update(ctx: HypergradContext) -> MatVec | None:
+    """``u -> (dr/dw)^T u = u - (dPhi/dw)^T u - H (dPhi/dg)^T u`` with ``H u`` compiled (``None``: eager products).
+
+    ``Phi(w, g)`` is the optimizer step taken on gradient ``g = grad_w f(w)``; its own derivatives are
+    first order (one backward through the step, kept), so only the Hessian product needs the model.
+    """
+    hessian = compiled_hessian(ctx)
+    if hessian is None:
+        return None
+    with torch.enable_grad():
+        w = {k: t.detach().requires_grad_(True) for k, t in ctx.w.items()}
+        x = {k: t.detach() for k, t in ctx.x.items()}
+        g = {k: t.detach().requires_grad_(True) for k, t in grads(ctx.objective(w, x), w).items()}
+        stepped, _ = ctx.optimizer.step(w, g)
+    keys = list(w)
+    inputs = [w[k] for k in keys] + [g[k] for k in keys]
+
+    def product(u: Params) -> Params:
+        pulled = torch.autograd.grad(
+            [stepped[k] for k in keys], inputs, [u[k] for k in keys], retain_graph=True, allow_unused=True
+        )
+        through_w = {k: torch.zeros_like(u[k]) if p is None else p for k, p in zip(keys, pulled, strict=False)}
+        through_g = {k: torch.zeros_like(u[k]) if p is None else p for k, p in zip(keys, pulled[len(keys) :], strict=False)}
+        curved = hessian(through_g)
+        return {k: u[k] - through_w[k] - curved[k] for k in keys}
+
+    return product
+
+
 def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
     if ctx.optimizer.learning_rate() <= 0:
         raise ValueError(
@@ -36,7 +67,7 @@ def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
             "identity at learning rate 0: give the optimizer a positive learning rate, or use hypergrad='cg'"
         )
     solve = partial(neumann, iterations=ctx.config.iterations, tol=default_tolerance(ctx), alpha=1.0)
-    return root_push(ctx, update_residual(ctx), solve, "fixed_point", symmetric=False)
+    return root_push(ctx, update_residual(ctx), solve, "fixed_point", symmetric=False, compiled=compiled_update)
 
 
 METHOD = Method(

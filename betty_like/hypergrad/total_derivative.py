@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,6 +58,9 @@ class Level:
             parameters its steps read.
         push_wrap: applied to its method's push (precision scope, cross-process reduction of the pushed vectors).
         matvec_wrap: applied to every Hessian-vector product of its pushes (precision, reduction).
+        hvp: ``(w, others) -> u -> H_ww u``: compiled Hessian-vector products of its loss in its own
+            parameters ``w``, everything else at ``others`` (``compile_hypergrad``); it returns ``None``
+            where they cannot be used. ``None``: eager products only.
     """
 
     name: str
@@ -68,6 +72,7 @@ class Level:
     window: bool = False
     push_wrap: Callable[[Callable], Callable] = _identity
     matvec_wrap: Callable[[MatVec], MatVec] = _identity
+    hvp: Callable[[Params, Params], MatVec | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +244,8 @@ class _Responder:
                 w = {k: t.detach().requires_grad_(True) for k, t in zip(self.output_keys, outputs, strict=True)}
                 x = {k: t.detach().requires_grad_(True) for k, t in zip(self.input_keys, inputs, strict=True)}
             level = self.level
+            nests = level.config.nested == "total" and bool(self.program.graph.responders(level.name))
+            compiled = None if level.hvp is None or nests else partial(level.hvp, w, _merge(self.base, {"x": x}))
             context = HypergradContext(
                 level.name,
                 self.objective,
@@ -249,6 +256,7 @@ class _Responder:
                 level.optimizer,
                 create_graph=create_graph,
                 matvec_wrap=level.matvec_wrap,
+                compiled_hvp=compiled,
             )
             pushed, info = level.push_wrap(level.method.push)(context)
         self.record.add(info)
