@@ -86,3 +86,10 @@ def default_tolerance(ctx: HypergradContext) -> float:
         return ctx.config.tol
     dtype = next(iter(ctx.w.values())).dtype
     return {8: 1e-12, 4: 1e-6}.get(dtype.itemsize, 1e-3)
+
+
+def check_every(ctx: HypergradContext) -> int:
+    """Iterations between a solver's host reads: the configured number, else 1 on the CPU and 10 elsewhere."""
+    if ctx.config.solver_check_every is not None:
+        return ctx.config.solver_check_every
+    return 1 if next(iter(ctx.w.values())).device.type == "cpu" else 10

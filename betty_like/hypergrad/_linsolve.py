@@ -121,8 +121,40 @@ def _final(residuals: list[float]) -> str:
     return "out_of_iterations"
 
 
+class _Checks:
+    """Per-iteration scalars kept on the device and read on the host every ``every`` iterations and at the end.
+
+    A host read (``float(t)``, ``.item()``, ``bool(t)``) waits for the device: on a GPU, one per
+    iteration stalls the solve on every product. One read of the stacked scalars per check costs one
+    synchronisation however many iterations it covers, and the residual history stays complete.
+    """
+
+    def __init__(self, every: int, iterations: int) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"check_every={every!r} is invalid: use an integer >= 1")
+        self.every, self.iterations, self.pending = every, iterations, []
+
+    def add(self, *scalars: Tensor) -> bool:
+        """Keep this iteration's scalars; returns whether a check is due now."""
+        self.pending.append(torch.stack([t.reshape(()).to(torch.float64) for t in scalars]))
+        return len(self.pending) % self.every == 0 or len(self.pending) == self.iterations
+
+    def read(self) -> list[list[float]]:
+        """The scalars of the iterations since the last check (one host synchronisation)."""
+        start = (len(self.pending) - 1) // self.every * self.every
+        return torch.stack(self.pending[start:]).tolist()
+
+
+def _live(*conditions: Tensor) -> Tensor:
+    """A device-side flag: the iteration may still change the answer (nothing has ended it yet)."""
+    flag = conditions[0]
+    for c in conditions[1:]:
+        flag = flag & c
+    return flag
+
+
 def conjugate_gradient(
-    matvec: MatVec, b: Params, *, iterations: int, tol: float, indefinite: str = "minres"
+    matvec: MatVec, b: Params, *, iterations: int, tol: float, indefinite: str = "minres", check_every: int = 1
 ) -> tuple[Params, SolveInfo]:
     """Solve ``A x = b`` for symmetric ``A`` by conjugate gradient.
 
@@ -131,6 +163,11 @@ def conjugate_gradient(
     sign), so it is never returned: with ``indefinite="minres"`` the solve starts again with MINRES,
     valid for any symmetric nonsingular ``A``, on the remaining budget (at least half of
     ``iterations``); with ``indefinite="fail"`` it reports ``negative_curvature`` and returns zeros.
+
+    Curvature and residual are read on the host every ``check_every`` iterations (:class:`_Checks`).
+    Between checks the iteration stops itself on the device: once it converges, or meets non-positive
+    or non-finite curvature, its later steps leave the iterate unchanged, so the answer and the history
+    are those of a check at every iteration.
     """
     info = SolveInfo("cg")
     x = zeros_like(b)
@@ -142,101 +179,142 @@ def conjugate_gradient(
         return dict(b), info
     if float(b_norm) == 0.0:
         return x, info.finish("converged")
+    checks = _Checks(check_every, iterations)
+    live = torch.ones((), dtype=torch.bool, device=b_norm.device)
     for _ in range(iterations):
         ap = matvec(p)
-        curvature = float(dot(p, ap))
-        if not math.isfinite(curvature):
-            info.residuals.append(float("nan"))
-            return _unknown(b), info.finish("non_finite")
-        if curvature <= 0.0:
-            info.negative_curvature = True
-            if indefinite != "minres":
-                return zeros_like(b), info.finish("negative_curvature")
-            budget = max(iterations - info.iterations, (iterations + 1) // 2)
-            x, rest = minres(matvec, b, iterations=budget, tol=tol)
-            info.solver = "cg+minres"
-            info.iterations += rest.iterations
-            info.residuals.extend(rest.residuals)
-            return x, info.finish(rest.outcome)
-        step = rs / curvature
+        curvature = dot(p, ap)
+        live = _live(live, curvature > 0, torch.isfinite(curvature))
+        step = torch.where(live, rs / curvature, torch.zeros_like(rs))
         x = axpy(step, p, x)
         r = axpy(-step, ap, r)
-        rs_next = dot(r, r)
-        info.iterations += 1
-        info.residuals.append(float(rs_next.sqrt() / b_norm))
-        verdict = _verdict(info.residuals, tol)
-        if verdict is not None and verdict != "diverged":  # CG's residual may rise on its way down
-            return (_unknown(b) if verdict == "non_finite" else x), info.finish(verdict)
-        p = axpy(rs_next / rs, p, r)
+        rs_next = torch.where(live, dot(r, r), rs)
+        relative = rs_next.sqrt() / b_norm
+        if checks.add(curvature, relative):
+            outcome = _cg_outcome(checks.read(), info, tol)
+            if outcome == "negative_curvature":
+                return _continue_indefinite(matvec, b, (iterations, tol, check_every), indefinite, info)
+            if outcome is not None:
+                return (_unknown(b) if outcome == "non_finite" else x), info.finish(outcome)
+        live = live & (relative > tol)
+        p = axpy(torch.where(live, rs_next / rs, torch.zeros_like(rs)), p, r)
         rs = rs_next
     return x, info.finish("out_of_iterations")
 
 
-def minres(matvec: MatVec, b: Params, *, iterations: int, tol: float) -> tuple[Params, SolveInfo]:
+def _cg_outcome(rows: list[list[float]], info: SolveInfo, tol: float) -> str | None:
+    """Walk the iterations since the last check in order; the first that ends the solve decides."""
+    for curvature, relative in rows:
+        if not math.isfinite(curvature):
+            info.residuals.append(float("nan"))
+            return "non_finite"
+        if curvature <= 0.0:
+            return "negative_curvature"
+        info.iterations += 1
+        info.residuals.append(relative)
+        verdict = _verdict(info.residuals, tol)
+        if verdict is not None and verdict != "diverged":  # CG's residual may rise on its way down
+            return verdict
+    return None
+
+
+def _continue_indefinite(
+    matvec: MatVec, b: Params, settings: tuple[int, float, int], indefinite: str, info: SolveInfo
+) -> tuple[Params, SolveInfo]:
+    """CG met non-positive curvature: start again with MINRES on the remaining budget, or fail."""
+    iterations, tol, check_every = settings
+    info.negative_curvature = True
+    if indefinite != "minres":
+        return zeros_like(b), info.finish("negative_curvature")
+    budget = max(iterations - info.iterations, (iterations + 1) // 2)
+    x, rest = minres(matvec, b, iterations=budget, tol=tol, check_every=check_every)
+    info.solver = "cg+minres"
+    info.iterations += rest.iterations
+    info.residuals.extend(rest.residuals)
+    return x, info.finish(rest.outcome)
+
+
+def minres(matvec: MatVec, b: Params, *, iterations: int, tol: float, check_every: int = 1) -> tuple[Params, SolveInfo]:
     """Solve ``A x = b`` for symmetric, possibly indefinite ``A`` by MINRES (Paige and Saunders, 1975).
 
     Each iterate minimises ``||b - A x||`` over the Krylov space, so the residual never grows and a
     truncated iterate is still the best answer that space holds. One product per iteration, like CG.
-    The residual is the recurrence's estimate (exact in exact arithmetic).
+    The residual is the recurrence's estimate (exact in exact arithmetic). The recurrence's scalars
+    stay on the device; they are read every ``check_every`` iterations (see :func:`conjugate_gradient`).
     """
     info = SolveInfo("minres")
     x = zeros_like(b)
     b_norm = norm(b)
     if _bad_input(b_norm, info):
         return dict(b), info
-    beta1 = float(b_norm)
-    if beta1 == 0.0:
+    if float(b_norm) == 0.0:
         return x, info.finish("converged")
+    beta1 = b_norm.to(torch.float64)
+    zero = torch.zeros_like(beta1)
     r1, r2, y = dict(b), dict(b), dict(b)
-    beta, old_beta, dbar, epsilon, phibar, cs, sn = beta1, 0.0, 0.0, 0.0, beta1, -1.0, 0.0
+    beta, old_beta, dbar, epsilon, phibar, cs, sn = beta1, beta1, zero, zero, beta1, zero - 1.0, zero
     w, w2 = zeros_like(b), zeros_like(b)
+    checks = _Checks(check_every, iterations)
+    live = torch.ones((), dtype=torch.bool, device=beta1.device)
     for k in range(iterations):
-        v = scale(1.0 / beta, y)
+        v = scale(1.0 / torch.where(beta == 0, 1.0, beta), y)
         y = matvec(v)
         if k > 0:
             y = axpy(-beta / old_beta, r1, y)
-        alfa = float(dot(v, y))
-        y = axpy(-alfa / beta, r2, y)
+        alfa = dot(v, y).to(torch.float64)
+        y = axpy(-alfa / torch.where(beta == 0, 1.0, beta), r2, y)
         r1, r2 = r2, y
-        old_beta, beta = beta, float(norm(y))
+        old_beta, beta = torch.where(beta == 0, 1.0, beta), norm(y).to(torch.float64)
         old_epsilon = epsilon
         delta = cs * dbar + sn * alfa
         gbar = sn * dbar - cs * alfa
         epsilon = sn * beta
         dbar = -cs * beta
-        gamma = max(math.hypot(gbar, beta), 1e-300)
+        gamma = torch.clamp(torch.hypot(gbar, beta), min=1e-300)
         cs, sn = gbar / gamma, beta / gamma
         phi, phibar = cs * phibar, sn * phibar
         w1, w2 = w2, w
         w = {key: (v[key] - old_epsilon * w1[key] - delta * w2[key]) / gamma for key in v}
-        x = axpy(phi, w, x)
-        info.iterations += 1
-        relative = phibar / beta1 if math.isfinite(alfa) and math.isfinite(beta) else float("nan")
-        info.residuals.append(relative)
-        verdict = _verdict(info.residuals, tol)
-        if verdict is not None:
-            return (_unknown(b) if verdict == "non_finite" else x), info.finish(verdict)
-        if beta == 0.0:  # the Krylov space is exhausted: x is exact
-            return x, info.finish("converged")
+        x = {key: torch.where(live, x[key] + phi * w[key], x[key]) for key in x}
+        finite = torch.isfinite(alfa) & torch.isfinite(beta)
+        relative = torch.where(finite, phibar / beta1, torch.full_like(beta1, float("nan")))
+        if checks.add(relative, beta):
+            outcome = _minres_outcome(checks.read(), info, tol)
+            if outcome is not None:
+                return (_unknown(b) if outcome == "non_finite" else x), info.finish(outcome)
+        live = _live(live, finite, relative > tol, beta != 0)
     return x, info.finish("out_of_iterations")
 
 
+def _minres_outcome(rows: list[list[float]], info: SolveInfo, tol: float) -> str | None:
+    """Walk the iterations since the last check in order; the first that ends the solve decides."""
+    for relative, beta in rows:
+        info.iterations += 1
+        info.residuals.append(relative)
+        verdict = _verdict(info.residuals, tol)
+        if verdict is not None:
+            return verdict
+        if beta == 0.0:  # the Krylov space is exhausted: x is exact
+            return "converged"
+    return None
+
+
 def largest_eigenvalue(matvec: MatVec, start: Params, iterations: int = 10) -> float:
-    """``max |eig(A)|`` estimated by power iteration from ``start`` (no random draws: the RNG is the user's)."""
+    """``max |eig(A)|`` estimated by power iteration from ``start`` (no random draws: the RNG is the user's).
+
+    The norms stay on the device until the end (one host read): a zero product stays zero after it.
+    """
     u = scale(1.0 / norm(start), start)
-    estimate = 0.0
+    size = torch.zeros(())
     for _ in range(iterations):
         au = matvec(u)
-        size = float(norm(au))
-        if not math.isfinite(size) or size == 0.0:
-            return size
-        estimate = size
-        u = scale(1.0 / size, au)
-    return estimate
+        size = norm(au)
+        u = scale(1.0 / torch.where(size == 0, 1.0, size), au)
+    return float(size)
 
 
 def neumann(
-    matvec: MatVec, b: Params, *, iterations: int, tol: float, alpha: float | None
+    matvec: MatVec, b: Params, *, iterations: int, tol: float, alpha: float | None, check_every: int = 1
 ) -> tuple[Params, SolveInfo]:
     """Solve ``A x = b`` by the Neumann series ``x = alpha * sum_j (I - alpha A)^j b``.
 
@@ -245,6 +323,10 @@ def neumann(
     uses ``1 / L``, safe while the estimate is within a factor two of the truth. The next series term
     equals the current residual, so the residual history costs no extra products; a history that
     grows is reported as ``diverged`` and the partial sum is not returned as an answer.
+
+    Residuals are read every ``check_every`` iterations (see :func:`conjugate_gradient`); a converged
+    sum stops growing on the device. A divergence is seen at the next check (the failed sum returned
+    with it holds the terms up to that check).
     """
     info = SolveInfo("neumann")
     b_norm = norm(b)
@@ -261,19 +343,31 @@ def neumann(
     info.alpha = alpha
     term = dict(b)
     total = dict(b)
+    checks = _Checks(check_every, iterations)
+    live = torch.ones((), dtype=torch.bool, device=b_norm.device)
     for _ in range(iterations):
         term = axpy(-alpha, matvec(term), term)
-        info.iterations += 1
-        info.residuals.append(float(norm(term) / b_norm))
-        verdict = _verdict(info.residuals, tol)
-        if verdict == "converged":
-            total = axpy(1.0, term, total)
-        if verdict == "non_finite":
-            return _unknown(b), info.finish(verdict)
-        if verdict is not None:
-            return scale(alpha, total), info.finish(verdict)
-        total = axpy(1.0, term, total)
+        relative = norm(term) / b_norm
+        total = {k: torch.where(live, total[k] + term[k], total[k]) for k in total}
+        if checks.add(relative):
+            outcome = _neumann_outcome(checks.read(), info, tol)
+            if outcome == "non_finite":
+                return _unknown(b), info.finish(outcome)
+            if outcome is not None:
+                return scale(alpha, total), info.finish(outcome)
+        live = _live(live, relative > tol)
     return scale(alpha, total), info.finish(_final(info.residuals))
+
+
+def _neumann_outcome(rows: list[list[float]], info: SolveInfo, tol: float) -> str | None:
+    """Walk the iterations since the last check in order; the first that ends the solve decides."""
+    for (relative,) in rows:
+        info.iterations += 1
+        info.residuals.append(relative)
+        verdict = _verdict(info.residuals, tol)
+        if verdict is not None:
+            return verdict
+    return None
 
 
 def dense(matvec: MatVec, b: Params) -> tuple[Params, SolveInfo]:

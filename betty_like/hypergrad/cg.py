@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from ._context import HypergradContext, HypergradInfo
-from ._implicit import compiled_hessian, default_tolerance, gradient_residual, root_push
+from ._implicit import check_every, compiled_hessian, default_tolerance, gradient_residual, root_push
 from ._linsolve import conjugate_gradient
 from ._method import Method
 from ._tree import Params
@@ -13,7 +13,9 @@ from ._tree import Params
 
 def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
     """``-d/dx <grad_w f, H^-1 v>``; needs ``H + damping * I`` positive definite."""
-    solve = partial(conjugate_gradient, iterations=ctx.config.iterations, tol=default_tolerance(ctx))
+    solve = partial(
+        conjugate_gradient, iterations=ctx.config.iterations, tol=default_tolerance(ctx), check_every=check_every(ctx)
+    )
     return root_push(ctx, gradient_residual(ctx), solve, "cg", symmetric=True, compiled=compiled_hessian)
 
 

@@ -14,7 +14,7 @@ from functools import partial
 import torch
 
 from ._context import HypergradContext, HypergradInfo
-from ._implicit import Residual, compiled_hessian, default_tolerance, root_push
+from ._implicit import Residual, check_every, compiled_hessian, default_tolerance, root_push
 from ._linsolve import MatVec, neumann
 from ._method import Method
 from ._tree import Params, grads
@@ -66,7 +66,7 @@ def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
             f"fixed_point for problem {ctx.owner!r} differentiates its optimizer's update, which is the "
             "identity at learning rate 0: give the optimizer a positive learning rate, or use hypergrad='cg'"
         )
-    solve = partial(neumann, iterations=ctx.config.iterations, tol=default_tolerance(ctx), alpha=1.0)
+    solve = partial(neumann, iterations=ctx.config.iterations, tol=default_tolerance(ctx), alpha=1.0, check_every=check_every(ctx))
     return root_push(ctx, update_residual(ctx), solve, "fixed_point", symmetric=False, compiled=compiled_update)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from ._context import HypergradContext, HypergradInfo
-from ._implicit import compiled_hessian, default_tolerance, gradient_residual, root_push
+from ._implicit import check_every, compiled_hessian, default_tolerance, gradient_residual, root_push
 from ._linsolve import neumann
 from ._method import Method
 from ._tree import Params
@@ -19,7 +19,7 @@ def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
     lower's learning rate has no relation to its Hessian (81 % error measured), and an SGD rate near
     ``2 / L`` makes the series diverge.
     """
-    solve = partial(neumann, iterations=ctx.config.iterations, tol=default_tolerance(ctx), alpha=ctx.config.alpha)
+    solve = partial(neumann, iterations=ctx.config.iterations, tol=default_tolerance(ctx), alpha=ctx.config.alpha, check_every=check_every(ctx))
     return root_push(ctx, gradient_residual(ctx), solve, "neumann", symmetric=True, compiled=compiled_hessian)
 
 
