@@ -11,6 +11,11 @@ from typing import Any
 import torch
 
 from .hypergrad import HypergradInfo
+
+try:  # a dependency, but a missing one must not break a step; imported once, not at every wave
+    import numpy
+except ImportError:  # pragma: no cover
+    numpy = None
 from .optim import Params, State
 
 
@@ -95,12 +100,8 @@ class ProblemStatus:
 def random_states() -> dict[str, Any]:
     """Every generator a step may draw from (python, numpy if present, torch CPU and CUDA)."""
     states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy
-
+    if numpy is not None:
         states["numpy"] = numpy.random.get_state()
-    except ImportError:  # numpy is a dependency, but a missing one must not break a step
-        pass
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -110,8 +111,6 @@ def restore_random_states(states: Mapping[str, Any]) -> None:
     random.setstate(states["python"])
     torch.set_rng_state(states["torch"])
     if "numpy" in states:
-        import numpy
-
         numpy.random.set_state(states["numpy"])
     if "cuda" in states:
         torch.cuda.set_rng_state_all(states["cuda"])
