@@ -43,19 +43,13 @@ class Classifier(Problem):
     def training_step(self, batch):
         x, y, index = batch
         losses = F.cross_entropy(self.module(x), y, reduction="none")
-        return (torch.sigmoid(self.weights.module.logits[index]) * losses).mean()
+        return (torch.sigmoid(self.weights.module["logits"][index]) * losses).mean()
 
 
 class Validation(Problem):
     def training_step(self, batch):
         x, y = batch
         return F.cross_entropy(self.classifier(x), y)
-
-
-class Logits(nn.Module):
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.logits = nn.Parameter(torch.zeros(n))
 
 
 def data():
@@ -72,7 +66,7 @@ def build(compiled: bool) -> Engine:
     train, valid, n = data()
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    weights = Logits(n)
+    weights = nn.ParameterDict({"logits": nn.Parameter(torch.zeros(n))})
     lower = Classifier(
         "classifier", module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), data=train,
         config=ProblemConfig(hypergrad="cg", iterations=20, tol=1e-30, damping=1.0, compile_hypergrad=compiled),
