@@ -108,8 +108,9 @@ class ProblemConfig:
         solver_check_every: how often a linear solver reads its residual and curvature on the host
             (each read is a device synchronisation on a GPU): every ``n`` iterations and at the end.
             ``None`` (default): every iteration when the vectors live on the CPU (a read costs nothing
-            there), every 10 on other devices. The residual history is complete either way; a solve that
-            converges between two checks stops at the next one, with a residual at or below ``tol``.
+            there), every 10 on other devices. Between checks an ended iteration (converged, or non-positive
+            or non-finite curvature) leaves its answer unchanged on the device, so the answer, the residual
+            history and the outcome are those of a check at every iteration; failures are found at the next check.
         hvp_precision: under ``EngineConfig(precision="bf16"|"fp16")``, the precision of what
             differentiates this problem's solution: ``"fp32"`` (its loss evaluated again without
             autocast for Hessian-vector products, finite differences and kept unrolled graphs:
