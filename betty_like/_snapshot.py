@@ -37,6 +37,7 @@ def snapshot(
         push_wrap, matvec_wrap = wraps_of(name)
         config = setup.problem.config
         levels[name] = Level(
-            name, params, loss_of(name), setup.method, config, setup.functional, windowed, push_wrap, matvec_wrap
+            name, params, loss_of(name), setup.method, config, setup.functional, windowed, push_wrap, matvec_wrap,
+            setup.curvature,
         )
     return Program(graph, levels)

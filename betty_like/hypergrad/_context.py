@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from ._linsolve import MatVec, SolveInfo
+from ._linsolve import CurvatureEstimate, MatVec, SolveInfo
 from ._tree import Params
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ class HypergradContext:
         create_graph: the push itself is differentiated further (a deeper level's stationarity).
         matvec_wrap: applied to every Hessian-vector product map: the place for precision and
             cross-process reduction.
+        curvature: the lower problem's kept estimate of its largest Hessian eigenvalue (Neumann's
+            ``alpha=None``), shared by its solves across steps; ``None``: estimate at every solve.
     """
 
     owner: str
@@ -48,6 +50,7 @@ class HypergradContext:
     optimizer: FunctionalOptimizer
     create_graph: bool = False
     matvec_wrap: Callable[[MatVec], MatVec] = field(default=_identity)
+    curvature: CurvatureEstimate | None = None
 
 
 @dataclass

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._context import HypergradContext, HypergradInfo, _identity
-from ._linsolve import MatVec
+from ._linsolve import CurvatureEstimate, MatVec
 from ._method import Method
 from ._tree import Params, grads
 
@@ -57,6 +57,7 @@ class Level:
             parameters its steps read.
         push_wrap: applied to its method's push (precision scope, cross-process reduction of the pushed vectors).
         matvec_wrap: applied to every Hessian-vector product of its pushes (precision, reduction).
+        curvature: its kept largest-eigenvalue estimate for Neumann solves (``None``: none kept).
     """
 
     name: str
@@ -68,6 +69,7 @@ class Level:
     window: bool = False
     push_wrap: Callable[[Callable], Callable] = _identity
     matvec_wrap: Callable[[MatVec], MatVec] = _identity
+    curvature: CurvatureEstimate | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,7 @@ class _Responder:
                 level.optimizer,
                 create_graph=create_graph,
                 matvec_wrap=level.matvec_wrap,
+                curvature=level.curvature,
             )
             pushed, info = level.push_wrap(level.method.push)(context)
         self.record.add(info)
