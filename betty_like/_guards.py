@@ -91,32 +91,47 @@ def check_solves(
             )
 
 
-def nonfinite_gradient(where: Where, gradient: Params, infos: Mapping[str, HypergradInfo]) -> str | None:
-    """A message naming the non-finite entries of ``gradient`` and where they came from, or ``None``."""
+def _nonfinite_entries(loss: Tensor, gradient: Params) -> tuple[bool, list[str]]:
+    """Whether ``loss`` is finite, and the gradient entries that are not: one host sync in all.
+
+    One fused norm over the whole gradient (NaN/inf if any entry is) keeps the common, finite case at
+    a few kernels whatever the number of tensors; only a non-finite (or overflowing) norm looks entry
+    by entry.
+    """
     keys = list(gradient)
-    if not keys:
-        return None
+    total = torch.nn.utils.get_total_norm([gradient[k].detach() for k in keys]).to(loss.device)
+    loss_finite, gradient_finite = torch.stack([torch.isfinite(loss.detach()).all(), torch.isfinite(total)]).tolist()
+    if not loss_finite or gradient_finite:
+        return loss_finite, []
     finite = torch.stack([torch.isfinite(gradient[k].detach()).all() for k in keys]).tolist()
-    bad = [k for k, ok in zip(keys, finite, strict=True) if not ok]
-    if not bad:
-        return None
+    return True, [k for k, ok in zip(keys, finite, strict=True) if not ok]
+
+
+def nonfinite_gradient(where: Where, bad: list[str], infos: Mapping[str, HypergradInfo]) -> str:
+    """A message naming the non-finite entries ``bad`` of ``where.problem``'s gradient and where they came from."""
     inputs = sorted(n for n, i in infos.items() if i.solve is not None and i.solve.outcome == "non_finite_input")
     solves = sorted(n for n, i in infos.items() if i.solve is not None and i.solve.outcome == "non_finite")
+    pitfall = (
+        "a finite loss with a NaN gradient: e.g. torch.where(s > 2, sqrt(s - 1), 0) differentiates both "
+        "branches; mask the input of sqrt/log, not its output"
+    )
     if inputs:
         origin = (
             f"its own gradient: the derivative of {where.problem!r}'s loss with respect to the solution of "
-            f"{inputs} is already NaN/inf (a finite loss with a NaN gradient: e.g. torch.where(s > 2, sqrt(s - 1), 0) "
-            "differentiates both branches; mask the input of sqrt/log, not its output)"
+            f"{inputs} is already NaN/inf ({pitfall})"
         )
     elif solves:
         origin = f"a Hessian-vector product in the solve through {solves} (its diagnostics say non_finite)"
-    else:
+    elif infos:
         origin = (
-            f"its own gradient or a second-derivative product of a lower problem's loss ({sorted(infos) or 'none'}); "
+            f"its own gradient or a second-derivative product of a lower problem's loss ({sorted(infos)}); "
             "every linear solve was finite"
         )
+    else:
+        origin = f"its own gradient, an operation whose derivative is undefined at the current point ({pitfall})"
+    what = "hypergradient" if infos else "gradient"
     return (
-        f"problem {where.problem!r} {where}: its hypergradient is NaN/inf in {bad} while its loss is finite. "
+        f"problem {where.problem!r} {where}: its {what} is NaN/inf in {bad} while its loss is finite. "
         f"It came from {origin}. The optimizer was not stepped; set ProblemConfig(on_nonfinite='skip') on "
         f"{where.problem!r} to skip such steps"
     )
@@ -133,19 +148,33 @@ def guard(
 ) -> bool:
     """Check a computed step before it commits; returns whether to skip it (``on_nonfinite="skip"``).
 
+    Plain steps and hypergradient steps alike: the user's optimizer never sees a NaN/inf gradient.
     With ``scaled`` (fp16 loss scaling) an inf/NaN gradient is the scaler's overflow signal, which it
     handles itself (skip the step, halve the scale), so it is not an error here.
     """
     check_solves(where, infos, configs, warn_once)
-    if scaled or not math.isfinite(float(loss.detach())):
-        return False  # the scaler, or the loss policy, speaks first
-    message = nonfinite_gradient(where, gradient, infos)
-    if message is None:
-        return False
+    if scaled:
+        return False  # the scaler speaks first
+    loss_finite, bad = _nonfinite_entries(loss, gradient)
+    if not loss_finite or not bad:
+        return False  # a non-finite loss is the loss policy's (loss_value)
+    message = nonfinite_gradient(where, bad, infos)
     if configs[where.problem].on_nonfinite != "skip":
         raise FloatingPointError(message)
     log.warning(message.replace("The optimizer was not stepped", "Skipped"))
     return True
+
+
+class WarnOnce:
+    """``warn_once(key, message)``: log ``message`` the first time ``key`` is seen (one per engine)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, key: str, message: str) -> None:
+        if key not in self.seen:
+            self.seen.add(key)
+            log.warning(message)
 
 
 def loss_value(where: Where, loss: Tensor, policy: str, warn_once: Callable[[str, str], None]) -> float | None:

@@ -6,8 +6,9 @@ Every mistake found here raises before the first step with the problem, the valu
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from ._data import BatchStream
 from .backends.registry import check_policy, first_order_only_layers, swap
 from .config import ProblemConfig
 from .graph import Graph
-from .hypergrad import Method, get_method
+from .hypergrad import CurvatureEstimate, Method, get_method
 from .optim import FunctionalOptimizer, Params
 from .problem import Problem
 
@@ -34,6 +35,7 @@ class Setup:
         period: steps of one unrolled window: its ``unroll_steps`` times its slowest reader's ``step_every``.
         stream: its batches.
         config: a copy of its config as the engine was built with it (changing it later is refused).
+        curvature: its kept largest-Hessian-eigenvalue estimate for Neumann solves through it.
     """
 
     problem: Problem
@@ -44,6 +46,7 @@ class Setup:
     period: int
     stream: BatchStream
     config: ProblemConfig
+    curvature: CurvatureEstimate = field(default_factory=CurvatureEstimate)
 
 
 def set_up_all(
@@ -92,6 +95,7 @@ def set_up(
         )
     if device is not None:
         p.module.to(device)
+    _check_closure(p)
     _swap_backends(p)  # same parameter objects after the swap: the checks below still hold
     by_id = {id(t): f"{p.name}.{n}" for n, t in p.module.named_parameters()}
     leaves: Params = {}
@@ -158,6 +162,22 @@ def check_unchanged(setups: Mapping[str, Setup]) -> None:
                 f"problem {name!r}: its data was replaced after the Engine was built, and the engine reads the old "
                 "one: pass the data when creating the Problem, or build a new Engine with new Problem instances"
             )
+
+
+def _check_closure(p: Problem) -> None:
+    """The engine calls ``optimizer.step()`` with the gradient it computed: an optimizer that needs a closure cannot work.
+
+    LBFGS re-evaluates the loss several times per step through its closure; the engine takes one
+    gradient (or hypergradient) per step, inside a transaction, and differentiates steps as pure functions.
+    """
+    closure = inspect.signature(p.optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(
+            f"problem {p.name!r}: its optimizer {type(p.optimizer).__name__} needs a closure that re-evaluates the "
+            "loss at every step, which the engine cannot give it (it computes one gradient or hypergradient per "
+            "step and steps the optimizer with it). Use an optimizer whose step takes no closure, e.g. "
+            "torch.optim.SGD, Adam or AdamW (those the unrolled methods can also differentiate through)"
+        )
 
 
 def _check_scheduler(p: Problem) -> None:

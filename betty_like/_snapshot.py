@@ -40,6 +40,7 @@ def snapshot(
         config = setup.problem.config
         hvp = hvps[name].at if hvps and name in hvps else None
         levels[name] = Level(
-            name, params, loss_of(name), setup.method, config, setup.functional, windowed, push_wrap, matvec_wrap, hvp
+            name, params, loss_of(name), setup.method, config, setup.functional, windowed, push_wrap, matvec_wrap,
+            hvp, setup.curvature,
         )
     return Program(graph, levels)

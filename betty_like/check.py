@@ -13,10 +13,16 @@ References:
   the problem's ``damping``: a reference that shared the damping would bless a damped answer (a
   wrong-sign damped CG result scored 1e-16). The bias the damping causes is reported separately
   (``damping_bias``). Exact for the current lower parameters, up to 20,000 parameters.
-* ``"fixed_point"``: reverse mode through up to 10,000 steps of each lower problem's own optimizer
-  update at its current point (the fixed-point iteration of the update map, run to convergence;
-  formerly, misleadingly, ``"unroll"``). Costs one product per step, so it scales to large models; it
-  equals ``"exact"`` when the lower problems are at a stationary point and the update contracts.
+* ``"unroll"``: training unrolled. Each lower problem takes ``unroll_steps`` differentiable steps of
+  its own optimizer from its current weights and optimizer state, the upper loss is evaluated where
+  they end, and reverse mode goes through every step (:mod:`betty_like._unroll_reference`). Converged,
+  it is the hypergradient at the lower solution even when the lower problem is not there yet; memory
+  grows with the number of steps. Two-level only (lower problems that read no lower solution).
+* ``"fixed_point"``: implicit differentiation of each lower problem's optimizer update at its current
+  point, the linear system solved by up to 10,000 fixed-point iterations (reverse mode through the
+  update map, at fixed weights: no training happens). Costs one product per iteration, so it scales
+  to large models; it equals ``"exact"`` when the lower problems are at a stationary point and the
+  update contracts. (Before, ``"unroll"`` named this.)
 """
 
 from __future__ import annotations
@@ -24,15 +30,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ._run_state import random_states, restore_random_states
+from ._unroll_reference import unrolled_hypergradient
 from .hypergrad import METHODS, HypergradInfo, Method, Program, get_method, hypergradient
 from .hypergrad._implicit import gradient_residual, root_push
 from .hypergrad._linsolve import dense
@@ -60,7 +67,6 @@ _REFERENCES = {
     "exact": (Method("exact", "dense float64 solve of the implicit system", _exact_push), {"damping": 0.0}),
     "fixed_point": (METHODS["fixed_point"], {"iterations": 10_000, "tol": 1e-14, "damping": 0.0}),
 }
-_RENAMED = {"unroll": "fixed_point"}
 
 
 @dataclass
@@ -111,7 +117,7 @@ def _hypergradient(engine: Engine, upper: str, method: Method | None, overrides:
         fresh = {k: t.detach().requires_grad_(True) for k, t in level.params.items()}
         if name in below:
             level = replace(level, method=method or level.method, config=replace(level.config, **overrides))
-        levels[name] = replace(level, params=fresh, window=False)
+        levels[name] = replace(level, params=fresh, window=False, curvature=None)  # the engine's estimate stays as it was
     result = hypergradient(Program(program.graph, levels), upper)
     return {k: v.detach() for k, v in result.gradient.items()}, result.infos
 
@@ -155,40 +161,41 @@ def _relative(a: Params, b: Params) -> float:
 
 
 def check_hypergradient(
-    engine: Engine, method: str | None = None, reference: str = "exact", problem: str | None = None
+    engine: Engine,
+    method: str | None = None,
+    reference: str = "exact",
+    problem: str | None = None,
+    unroll_steps: int = 1000,
 ) -> list[HypergradReport]:
     """Compare ``method`` with ``reference`` for ``problem`` (default: every problem that reads lower solutions).
 
     ``method=None`` checks each lower problem with its own configured method; a name applies that
     method to every problem below the upper one. Unrolled methods have no standalone push at the
-    current point and are refused here. The engine is left exactly as it was found.
+    current point and are refused here. ``reference`` is ``"exact"``, ``"fixed_point"`` or
+    ``"unroll"`` (``unroll_steps`` steps of each lower problem's optimizer). The engine is left exactly
+    as it was found.
     """
-    if reference in _RENAMED:
-        warnings.warn(
-            f"reference={reference!r} was a long fixed-point iteration of the optimizer's update, not an unroll of "
-            f"training: use reference={_RENAMED[reference]!r}",
-            FutureWarning,
-            stacklevel=2,
-        )
-        reference = _RENAMED[reference]
-    if reference not in _REFERENCES:
-        raise ValueError(f"unknown reference {reference!r}; choose one of {sorted(_REFERENCES)}")
+    if reference not in (*_REFERENCES, "unroll"):
+        raise ValueError(f"unknown reference {reference!r}; choose one of {sorted([*_REFERENCES, 'unroll'])}")
     uppers = [problem] if problem is not None else [n for n in engine.graph.names if engine.graph.lowers(n)]
     for name in uppers:
         if name not in engine.problems:
             raise ValueError(f"unknown problem {name!r}; problems: {sorted(engine.problems)}")
         if not engine.graph.lowers(name):
             raise ValueError(f"problem {name!r} reads no lower solution, so it has no hypergradient to check")
-    reference_method, reference_overrides = _REFERENCES[reference]
     reports = []
     with _untouched(engine):
         for upper in uppers:
-            reports.append(_check(engine, upper, method, reference, reference_method, reference_overrides))
+            if reference == "unroll":
+                computed = partial(unrolled_hypergradient, engine, upper, unroll_steps)
+            else:
+                computed = partial(_hypergradient, engine, upper, *_REFERENCES[reference])
+            reports.append(_check(engine, upper, method, reference, computed))
     return reports
 
 
 def _check(
-    engine: Engine, upper: str, method: str | None, reference: str, reference_method: Method, overrides: dict
+    engine: Engine, upper: str, method: str | None, reference: str, computed: Callable[[], tuple[Params, dict]]
 ) -> HypergradReport:
     names = engine.graph.responders(upper)
     own = {n: engine.problems[n].config.hypergrad for n in names}
@@ -209,22 +216,40 @@ def _check(
         )
     with torch.enable_grad():
         grad, info = _hypergradient(engine, upper, tested, {})
-        ref, ref_info = _hypergradient(engine, upper, reference_method, overrides)
+        ref, ref_info = computed()
         damped = any(engine.problems[n].config.damping > 0 for n in names) and reference == "exact"
         bias = None
         if damped:
-            damped_ref, _ = _hypergradient(engine, upper, reference_method, {})
+            damped_ref, _ = _hypergradient(engine, upper, _REFERENCES["exact"][0], {})
             bias = _relative(damped_ref, ref)
-    for name, i in ref_info.items():
-        if i.solve is not None and i.solve.failed:
-            raise ValueError(
-                f"the {reference!r} reference for {upper!r} failed at lower problem {name!r}: {i.solve.describe()}; "
-                "its optimizer's update is no contraction here: use reference='exact'"
-            )
+    _check_reference(upper, reference, ref_info)
     denom = float(norm(grad)) * float(norm(ref))
     cosine = float(dot(grad, ref)) / denom if denom > 0 else float("nan")
     label = method if method is not None else ", ".join(f"{n}: {m}" for n, m in own.items())
     return HypergradReport(upper, label, reference, _relative(grad, ref), cosine, grad, ref, info, ref_info, bias)
+
+
+def _check_reference(upper: str, reference: str, infos: dict[str, HypergradInfo]) -> None:
+    """A failed reference raises; an unroll that had not converged is said in the log (it is still an unroll)."""
+    for name, info in infos.items():
+        if info.solve is None:
+            continue
+        if info.solve.failed:
+            cause = (
+                f"{name!r}'s optimizer diverges from here in {info.solve.iterations} steps"
+                if reference == "unroll"
+                else "its optimizer's update is no contraction here"
+            )
+            raise ValueError(
+                f"the {reference!r} reference for {upper!r} failed at lower problem {name!r}: {info.solve.describe()}; "
+                f"{cause}: use reference='exact'"
+            )
+        if reference == "unroll" and info.solve.outcome != "converged":
+            log.warning(
+                f"check_hypergradient({upper!r}): the unroll of {name!r} had not converged after {info.solve.iterations} "
+                f"steps (last relative step {info.solve.residual:.3g}), so the reference is the hypergradient of that "
+                "many steps, not of the lower solution: raise unroll_steps"
+            )
 
 
 __all__ = ["HypergradReport", "check_hypergradient"]

@@ -17,7 +17,6 @@ come from the traversal in :mod:`betty_like.hypergrad`, handed an immutable :cla
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,10 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._audit import LossAudit
 from ._data import borrowed
 from ._evaluations import Evaluations
 from ._functional import ProblemModules
-from ._guards import Where, guard, loss_value
+from ._guards import WarnOnce, Where, guard, loss_value
 from ._run_state import ProblemStatus, Record, Schedule, Window, random_states, restore_random_states, seeded
 from ._setup import check_problems, check_unchanged, set_up_all
 from ._snapshot import snapshot
@@ -49,8 +49,6 @@ from .logging import Metrics, log_policies
 from .optim import Params, clip_grad_norm
 from .precision import Precision, device_type
 from .problem import Problem
-
-log = logging.getLogger("betty_like")
 
 
 @dataclass
@@ -112,11 +110,12 @@ class Engine:
         self._batches: dict[str, Any] = {}
         self._pending: deque[list[str]] = deque()
         self._seeded = False
-        self._warned: set[str] = set()
+        self._warn_once = WarnOnce()
         self.metrics, policies = Metrics(), [*log_policies(self.config), *checkpoint_policies(self.config)]
         self.callbacks = Callbacks([*callbacks, *policies])
         self._evaluations = Evaluations(self._modules.buffers(), self.problems)
         self._configs = {n: s.config for n, s in self._setups.items()}
+        self._audit = LossAudit(self.graph, self._setups, self._warn_once)
         self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once)
         self._hvps = plan_hvps(self._setups, self._modules, lambda n: self._batches[n], self._warn_once)
 
@@ -276,7 +275,7 @@ class Engine:
             keys = list(setup.leaves)
             grads = torch.autograd.grad(loss, [setup.leaves[k] for k in keys], allow_unused=True)
         loss, gradient = self._global(loss.detach(), {k: g for k, g in zip(keys, grads, strict=True) if g is not None})
-        return StepOutcome(loss, gradient, partial(self._apply, name))
+        return self._guarded(name, StepOutcome(loss, gradient, partial(self._apply, name)))
 
     def _global(self, loss: Tensor, gradient: Params) -> tuple[Tensor, Params]:
         """A step's loss and gradient unscaled (fp16) and summed over ranks (data parallel)."""
@@ -314,7 +313,7 @@ class Engine:
         """The captured step (:mod:`betty_like.execution.compiled`); its commit is the captured update."""
         context = {k: v.detach() for w in self._windows.values() if w is not None for k, v in w.params.items()}
         loss, gradient, commit = self._executions[name].replay(self._batches[name], context)
-        return StepOutcome(loss, gradient, lambda _: commit())
+        return self._guarded(name, StepOutcome(loss, gradient, lambda _: commit()))
 
     def _finish(self, name: str, outcome: StepOutcome, value: float | None) -> bool:
         """Clip, commit, step the scheduler, record; returns whether the step was taken (not skipped)."""
@@ -382,9 +381,9 @@ class Engine:
 
     def _loss(self, name: str, batch: Any, values: Params | None) -> Tensor:
         step = self.problems[name].training_step
-        with self.metrics.evaluating(name) as capturing:
+        with self.metrics.evaluating(name) as capturing, self._audit.call(name, values) as audited:
             out = call_user(name, "training_step", self._modules, values, step, batch)
-            loss = checked_loss(name, self.metrics.split(name, out, capturing), self.iteration + 1)
+            loss = audited(checked_loss(name, self.metrics.split(name, out, capturing), self.iteration + 1))
         share = self._setups[name].stream.share  # this rank's part of the global batch (data parallel)
         return loss * share if share != 1.0 else loss
 
@@ -392,8 +391,3 @@ class Engine:
         """The loss as a float (one host sync, shared with logging), or None if the step is to be skipped."""
         where = Where(name, self._schedule[name].steps, self.iteration + 1)
         return loss_value(where, loss, self._configs[name].on_nonfinite, self._warn_once)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning(message)

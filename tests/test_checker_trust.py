@@ -1,8 +1,9 @@
-"""A checker you can trust: an undamped exact reference, a renamed long reference, no side effects."""
+"""A checker you can trust: an undamped exact reference, a true long unroll, no side effects."""
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 
 import numpy
@@ -13,6 +14,7 @@ from toy import bilevel
 
 from betty_like import EngineConfig, ProblemConfig, check_hypergradient
 from betty_like.testing import ridge
+from betty_like.testing.closed_form import regression_data
 from betty_like.testing.nested import diamond_two_lowers
 
 
@@ -94,13 +96,40 @@ def test_the_exact_reference_is_undamped_and_the_damping_bias_is_reported():
     assert "damping alone moves the exact hypergradient" in str(report)
 
 
-def test_the_long_reference_is_named_for_what_it_is():
-    case = ridge("cg")
-    case.engine.run()
-    (new,) = check_hypergradient(case.engine, reference="fixed_point")
-    with pytest.warns(FutureWarning, match=r"reference='unroll'.*use reference='fixed_point'"):
-        (old,) = check_hypergradient(case.engine, reference="unroll")
-    assert old.reference == "fixed_point" and torch.equal(old.reference_grad["penalty.value"], new.reference_grad["penalty.value"])
+def ridge_contraction() -> float:
+    """``1 - mu / L`` of the ridge lower problem's SGD at lr = 1 / L, from its Hessian written out."""
+    x, _ = regression_data(40, 5, seed=0)
+    eigenvalues = torch.linalg.eigvalsh(x.T @ x / len(x) + math.exp(-1.0) * torch.eye(5, dtype=torch.float64))
+    return float(1.0 - eigenvalues.min() / eigenvalues.max())
+
+
+@pytest.mark.parametrize("at_solution", [True, False])
+def test_the_unroll_reference_is_a_long_unroll_of_the_users_optimizer(at_solution):
+    # K steps of SGD at lr = 1/L contract the weights by rho per step and their derivative in lambda like
+    # K rho^K; with K rho^K below 1e-12 and float64 rounding over K steps near 1e-13, rel. 1e-9 is a bound
+    # the unroll must meet and that a wrong reference (an implicit one at the start, a truncated run) cannot
+    steps, rho = 1000, ridge_contraction()
+    assert steps * rho**steps < 1e-12
+    case = ridge("cg", at_solution=at_solution)
+    (report,) = check_hypergradient(case.engine, reference="unroll", unroll_steps=steps)
+    error = abs(float(report.reference_grad["penalty.value"] - case.exact)) / abs(float(case.exact))
+    assert error < 1e-9
+    run = report.reference_info["inner"]
+    assert report.reference == "unroll" and run.method == "unroll" and run.solve.iterations == steps
+    assert run.solve.outcome == "converged"
+    if not at_solution:  # at w = 0 the unroll trains to the solution; a reference evaluated at w = 0 does not
+        (fixed,) = check_hypergradient(case.engine, reference="fixed_point")
+        assert abs(float(fixed.reference_grad["penalty.value"] - case.exact)) / abs(float(case.exact)) > 1e-2
+
+
+def test_a_short_unroll_says_it_had_not_converged(caplog):
+    case = ridge("cg", at_solution=False)
+    with caplog.at_level(logging.WARNING, logger="betty_like"):
+        (report,) = check_hypergradient(case.engine, reference="unroll", unroll_steps=3)
+    assert report.reference_info["inner"].solve.outcome == "out_of_iterations"
+    assert any("the unroll of 'inner' had not converged after 3 steps" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match=r"unroll_steps=0 is invalid"):
+        check_hypergradient(case.engine, reference="unroll", unroll_steps=0)
 
 
 def test_method_none_checks_each_lower_with_its_own_method():

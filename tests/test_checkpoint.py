@@ -26,14 +26,14 @@ from betty_like.testing.closed_form import Scalar, linear, regression_data
 N = 10
 
 
-def bilevel(method: str, **engine) -> Engine:
+def bilevel(method: str, problem: dict | None = None, **engine) -> Engine:
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     scale = Scale()
     optimizer = torch.optim.Adam(net.parameters(), lr=0.02)
     inner = Inner(
         "inner", module=net, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 3, 0.5),
-        data=batches(3), config=ProblemConfig(hypergrad=method, unroll_steps=2, iterations=20, tol=1e-30),
+        data=batches(3), config=ProblemConfig(hypergrad=method, unroll_steps=2, iterations=20, tol=1e-30, **(problem or {})),
     )
     outer = Outer(
         "outer", module=scale, optimizer=torch.optim.SGD(scale.parameters(), lr=0.05, momentum=0.9), data=batches(2, seed=1)
@@ -63,10 +63,11 @@ def losses(engine):
     ("build", "k", "saved_at"),
     [
         (lambda **c: bilevel("cg", **c), 5, 5),  # implicit: no window, saved when due
+        (lambda **c: bilevel("neumann", {"damping": 3.0}, **c), 5, 5),  # the kept curvature estimate resumes too
         (lambda **c: bilevel("unroll", **c), 5, 6),  # unrolled: due at 5 with a window open, saved at 6 (closed)
         (trilevel, 4, 4),
     ],
-    ids=["cg", "unroll", "three-level"],
+    ids=["cg", "neumann", "unroll", "three-level"],
 )
 def test_k_then_resume_then_the_rest_equals_a_straight_run_bit_for_bit(tmp_path, build, k, saved_at):
     straight = build(log_every=1)

@@ -38,10 +38,18 @@ def test_duplicate_names():
         Engine([inner, twin])
 
 
+class PlainInner(Inner):
+    def training_step(self, batch):
+        x, y = batch
+        return ((self.module(x).squeeze(-1) - y) ** 2).mean()
+
+
 def test_l2u_edge_alone_means_the_reader_responds_to_the_lower():
     # Betty's meaning: outer's loss reads inner's solution, which does not depend on outer's parameters,
     # so outer's solution responds to inner's (an input) and outer takes its plain gradient after inner reports
-    inner, outer = _problems()
+    _, outer = _problems()
+    net = nn.Linear(3, 1)
+    inner = PlainInner("inner", module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), data=batches())
     engine = Engine([outer, inner], {"l2u": {inner: [outer]}}, EngineConfig(train_iters=2))
     assert engine.graph.lowers("outer") == [] and engine.graph.inputs("outer") == ["inner"]
     engine.run()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from . import cg, darts, first_order, fixed_point, neumann, sama, unroll
 from ._context import HypergradContext, HypergradInfo
-from ._linsolve import LinearSystem, SolveInfo, conjugate_gradient, dense, minres
+from ._linsolve import CurvatureEstimate, LinearSystem, SolveInfo, conjugate_gradient, dense, minres
 from ._linsolve import neumann as neumann_series
 from ._method import Method
 from .total_derivative import Hypergradient, Level, Program, hypergradient
@@ -44,6 +44,7 @@ def get_method(name: str) -> Method:
 
 __all__ = [
     "METHODS",
+    "CurvatureEstimate",
     "HypergradContext",
     "HypergradInfo",
     "Hypergradient",

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from ._linsolve import MatVec, SolveInfo
+from ._linsolve import CurvatureEstimate, MatVec, SolveInfo
 from ._tree import Params
 
 if TYPE_CHECKING:
@@ -40,6 +40,8 @@ class HypergradContext:
         compiled_hvp: ``() -> u -> H_ww u``, the objective's Hessian-vector product captured with
             ``torch.compile`` at ``(w, x)``, or ``None`` (returned, or given) where eager products are used.
             Only a solver's own iterations use it: their products are never differentiated.
+        curvature: the lower problem's kept estimate of its largest Hessian eigenvalue (Neumann's
+            ``alpha=None``), shared by its solves across steps; ``None``: estimate at every solve.
     """
 
     owner: str
@@ -52,6 +54,7 @@ class HypergradContext:
     create_graph: bool = False
     matvec_wrap: Callable[[MatVec], MatVec] = field(default=_identity)
     compiled_hvp: Callable[[], MatVec | None] | None = None
+    curvature: CurvatureEstimate | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ best responses compose across levels.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class SolveInfo:
     negative_curvature: bool = False
     outcome: str = "out_of_iterations"
     alpha: float | None = None  # the Neumann step actually used (estimated when not configured)
+    products: int = 0  # matrix-vector (Hessian-vector) products this solve made, power iterations included
+    estimated: bool = False  # a Neumann solve that (re-)estimated the largest eigenvalue for its alpha
 
     @property
     def residual(self) -> float:
@@ -76,7 +79,7 @@ class SolveInfo:
         if len(history) > 6:
             text = text.replace(f"{shown[1]:.3g}, ", f"{shown[1]:.3g}, ..., ", 1)
         best = min(history) if history and all(math.isfinite(r) for r in history) else float("nan")
-        step = "" if self.alpha is None else f", alpha {self.alpha:.4g}"
+        step = "" if self.alpha is None else f", alpha {self.alpha:.4g}" + (" (estimated now)" if self.estimated else "")
         return (
             f"{self.solver} {self.outcome} after {self.iterations} iterations{step}; relative residuals "
             f"[{text}] (best {best:.3g})"
@@ -153,6 +156,26 @@ def _live(*conditions: Tensor) -> Tensor:
     return flag
 
 
+def _counts_products(solver: Callable[..., tuple[Params, SolveInfo]]) -> Callable[..., tuple[Params, SolveInfo]]:
+    """``solver`` with ``info.products``: how many times it called ``matvec`` (the cost that matters)."""
+
+    @functools.wraps(solver)
+    def counted_solver(matvec: MatVec, b: Params, **options: object) -> tuple[Params, SolveInfo]:
+        count = 0
+
+        def counted(u: Params) -> Params:
+            nonlocal count
+            count += 1
+            return matvec(u)
+
+        x, info = solver(counted, b, **options)
+        info.products = count
+        return x, info
+
+    return counted_solver
+
+
+@_counts_products
 def conjugate_gradient(
     matvec: MatVec, b: Params, *, iterations: int, tol: float, indefinite: str = "minres", check_every: int = 1
 ) -> tuple[Params, SolveInfo]:
@@ -234,6 +257,7 @@ def _continue_indefinite(
     return x, info.finish(rest.outcome)
 
 
+@_counts_products
 def minres(matvec: MatVec, b: Params, *, iterations: int, tol: float, check_every: int = 1) -> tuple[Params, SolveInfo]:
     """Solve ``A x = b`` for symmetric, possibly indefinite ``A`` by MINRES (Paige and Saunders, 1975).
 
@@ -313,14 +337,46 @@ def largest_eigenvalue(matvec: MatVec, start: Params, iterations: int = 10) -> f
     return float(size)
 
 
+@dataclass
+class CurvatureEstimate:
+    """The largest eigenvalue ``L`` of one lower problem's Hessian, kept across its Neumann solves.
+
+    Estimating it costs ten products, as much as a short series: doing it at every solve more than
+    doubled the products of a 10-iteration solve. The estimate is kept and measured again every
+    ``refresh`` solves, and at once when a series run with it diverges (the curvature grew past twice
+    the estimate): that solve is then repeated with the new value, so a stale estimate costs products,
+    never a wrong answer. A series that still diverges with a fresh estimate is reported ``diverged``.
+    """
+
+    value: float | None = None
+    solves: int = 0  # solves since the last estimate
+    refresh: int = 50
+
+    def due(self) -> bool:
+        return self.value is None or self.solves >= self.refresh
+
+    def measure(self, matvec: MatVec, start: Params) -> float:
+        self.value, self.solves = largest_eigenvalue(matvec, start), 0
+        return self.value
+
+
+@_counts_products
 def neumann(
-    matvec: MatVec, b: Params, *, iterations: int, tol: float, alpha: float | None, check_every: int = 1
+    matvec: MatVec,
+    b: Params,
+    *,
+    iterations: int,
+    tol: float,
+    alpha: float | None,
+    curvature: CurvatureEstimate | None = None,
+    check_every: int = 1,
 ) -> tuple[Params, SolveInfo]:
     """Solve ``A x = b`` by the Neumann series ``x = alpha * sum_j (I - alpha A)^j b``.
 
     Converges when the spectral radius of ``I - alpha A`` is below one (for a Hessian: ``alpha``
-    below ``2 / L``). ``alpha=None`` estimates ``L`` by ten power iterations (ten more products) and
-    uses ``1 / L``, safe while the estimate is within a factor two of the truth. The next series term
+    below ``2 / L``). ``alpha=None`` uses ``1 / L``, safe while the estimate of ``L`` is within a
+    factor two of the truth; ``L`` comes from ``curvature`` (kept across solves, see
+    :class:`CurvatureEstimate`) or, without one, from ten power iterations now. The next series term
     equals the current residual, so the residual history costs no extra products; a history that
     grows is reported as ``diverged`` and the partial sum is not returned as an answer.
 
@@ -328,18 +384,41 @@ def neumann(
     sum stops growing on the device. A divergence is seen at the next check (the failed sum returned
     with it holds the terms up to that check).
     """
+    kept = curvature if curvature is not None else CurvatureEstimate()
+    return _neumann(matvec, b, (iterations, tol, check_every), alpha, kept)
+
+
+def _neumann(
+    matvec: MatVec, b: Params, settings: tuple[int, float, int], alpha: float | None, curvature: CurvatureEstimate
+) -> tuple[Params, SolveInfo]:
     info = SolveInfo("neumann")
     b_norm = norm(b)
     if _bad_input(b_norm, info):
         return dict(b), info
     if float(b_norm) == 0.0:
         return zeros_like(b), info.finish("converged")
-    if alpha is None:
-        largest = largest_eigenvalue(matvec, b)
-        if not math.isfinite(largest):
-            info.residuals.append(float("nan"))
-            return _unknown(b), info.finish("non_finite")
-        alpha = 1.0 / largest if largest > 0 else 1.0
+    if alpha is not None:
+        return _series(matvec, b, b_norm, settings, alpha, info)
+    fresh = curvature.due()
+    largest = curvature.measure(matvec, b) if fresh else curvature.value
+    curvature.solves += 1
+    if not math.isfinite(largest):
+        curvature.value = None
+        info.residuals.append(float("nan"))
+        return _unknown(b), info.finish("non_finite")
+    x, info = _series(matvec, b, b_norm, settings, 1.0 / largest if largest > 0 else 1.0, info)
+    info.estimated = fresh
+    if info.outcome == "diverged" and not fresh:  # the kept estimate is stale: measure again and repeat
+        curvature.value = None
+        return _neumann(matvec, b, settings, None, curvature)
+    return x, info
+
+
+def _series(
+    matvec: MatVec, b: Params, b_norm: Tensor, settings: tuple[int, float, int], alpha: float, info: SolveInfo
+) -> tuple[Params, SolveInfo]:
+    """The Neumann series with step ``alpha``, stopped by its residual history."""
+    iterations, tol, check_every = settings
     info.alpha = alpha
     term = dict(b)
     total = dict(b)
@@ -370,6 +449,7 @@ def _neumann_outcome(rows: list[list[float]], info: SolveInfo, tol: float) -> st
     return None
 
 
+@_counts_products
 def dense(matvec: MatVec, b: Params) -> tuple[Params, SolveInfo]:
     """Materialise ``A`` column by column and solve in float64: the exact reference for small problems."""
     info = SolveInfo("dense")

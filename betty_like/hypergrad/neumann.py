@@ -14,12 +14,20 @@ from ._tree import Params
 def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
     """``-d/dx <grad_w f, H^-1 v>`` with ``H^-1 v`` from a Neumann series.
 
-    ``alpha=None`` (the default) estimates the largest Hessian eigenvalue ``L`` at every solve by
-    power iteration and uses ``1 / L``. The learning rate, the old default, is no safe choice: an Adam
+    ``alpha=None`` (the default) estimates the largest Hessian eigenvalue ``L`` by power iteration
+    and uses ``1 / L``; the estimate is kept across solves (``ctx.curvature``) and measured again
+    every so often or when a series run with it diverges. The learning rate, the old default, is no safe choice: an Adam
     lower's learning rate has no relation to its Hessian (81 % error measured), and an SGD rate near
     ``2 / L`` makes the series diverge.
     """
-    solve = partial(neumann, iterations=ctx.config.iterations, tol=default_tolerance(ctx), alpha=ctx.config.alpha, check_every=check_every(ctx))
+    solve = partial(
+        neumann,
+        iterations=ctx.config.iterations,
+        tol=default_tolerance(ctx),
+        alpha=ctx.config.alpha,
+        curvature=ctx.curvature,
+        check_every=check_every(ctx),
+    )
     return root_push(ctx, gradient_residual(ctx), solve, "neumann", symmetric=True, compiled=compiled_hessian)
 
 

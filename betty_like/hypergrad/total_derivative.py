@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._context import HypergradContext, HypergradInfo, _identity
-from ._linsolve import MatVec
+from ._linsolve import CurvatureEstimate, MatVec
 from ._method import Method
 from ._tree import Params, grads
 
@@ -61,6 +61,7 @@ class Level:
         hvp: ``(w, others) -> u -> H_ww u``: compiled Hessian-vector products of its loss in its own
             parameters ``w``, everything else at ``others`` (``compile_hypergrad``); it returns ``None``
             where they cannot be used. ``None``: eager products only.
+        curvature: its kept largest-eigenvalue estimate for Neumann solves (``None``: none kept).
     """
 
     name: str
@@ -73,6 +74,7 @@ class Level:
     push_wrap: Callable[[Callable], Callable] = _identity
     matvec_wrap: Callable[[MatVec], MatVec] = _identity
     hvp: Callable[[Params, Params], MatVec | None] | None = None
+    curvature: CurvatureEstimate | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,7 @@ class _Responder:
                 create_graph=create_graph,
                 matvec_wrap=level.matvec_wrap,
                 compiled_hvp=compiled,
+                curvature=level.curvature,
             )
             pushed, info = level.push_wrap(level.method.push)(context)
         self.record.add(info)
