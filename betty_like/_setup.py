@@ -124,14 +124,8 @@ def set_up(
     if served:
         _check_method(p, method, graph, problems)
     unrolls = method.unrolled and bool(served)
-    if unrolls and p.config.unroll_memory == "remat":
-        unrolled_below = [n for n in graph.responders(p.name) if get_method(problems[n].config.hypergrad).unrolled]
-        if unrolled_below:
-            raise ValueError(
-                f"problem {p.name!r}: unroll_memory='remat' replays each step on its own, but its hypergradient goes "
-                f"through the unrolled steps of {unrolled_below}, which depend on its weights; use "
-                f"unroll_memory='graph' for {p.name!r} (remat on {unrolled_below} is fine) or an implicit method for them"
-            )
+    if unrolls and p.config.unroll_memory != "graph":
+        _check_unroll_memory(p, graph, problems, served)
     functional = FunctionalOptimizer.from_optimizer(
         p.optimizer, by_id, p.name, differentiable=bool(served) and method.steps_optimizer
     )
@@ -244,3 +238,30 @@ def _check_method(p: Problem, method: Method, graph: Graph, problems: dict[str, 
                 f"{p.name!r}'s best response, which unrolled steps do not define. Give {p.name!r} an implicit "
                 f"method, unroll {middle!r} too, or set ProblemConfig(nested='partial') on {middle!r}"
             )
+
+
+def _check_unroll_memory(p: Problem, graph: Graph, problems: dict[str, Problem], served: list[str]) -> None:
+    """A lean unrolled step (``remat`` / ``mixed``, blocks) can be replayed the way its backward pass will need."""
+    memory, below = p.config.unroll_memory, graph.responders(p.name)
+    unrolled_below = [n for n in below if get_method(problems[n].config.hypergrad).unrolled]
+    if unrolled_below:
+        raise ValueError(
+            f"problem {p.name!r}: unroll_memory={memory!r} replays each step on its own, but its hypergradient goes "
+            f"through the unrolled steps of {unrolled_below}, which depend on its weights; use "
+            f"unroll_memory='graph' for {p.name!r} (remat on {unrolled_below} is fine) or an implicit method for them"
+        )
+    if memory == "mixed" and below:
+        raise ValueError(
+            f"problem {p.name!r}: unroll_memory='mixed' differentiates its loss in forward mode, but its gradient goes "
+            f"through the best responses of {list(below)}, whose pushes are reverse-mode only; use "
+            f"unroll_memory='remat' for {p.name!r}"
+        )
+    unrolling_readers = [  # they take kept unrolled steps whose gradients go through p's steps
+        n for n in served if get_method(problems[n].config.hypergrad).unrolled and any(n in graph.responders(m) for m in graph.names)
+    ]
+    if p.config.unroll_checkpoint_every is not None and unrolling_readers:
+        raise ValueError(
+            f"problem {p.name!r}: unroll_checkpoint_every={p.config.unroll_checkpoint_every} recomputes its steps "
+            f"without a graph, but {unrolling_readers} unroll through them and need one; leave "
+            f"unroll_checkpoint_every=None for {p.name!r}"
+        )

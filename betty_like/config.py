@@ -15,7 +15,7 @@ from .backends.registry import Policy, check_config_policy
 from .hypergrad import METHODS
 
 NESTED_RULES = ("total", "partial")
-UNROLL_MEMORY = ("graph", "remat")
+UNROLL_MEMORY = ("graph", "remat", "mixed")
 DARTS_SCALES = ("lr", "identity")
 NONFINITE_POLICIES = ("raise", "skip")
 SOLVER_FAILURE_POLICIES = ("raise", "warn", "ignore")
@@ -57,9 +57,15 @@ class ProblemConfig:
             ``sama`` (darts with the optimizer's adaptation: Adam's moments, the learning rate for SGD).
         unroll_steps: steps this problem takes before the problems that read its solution step.
         truncate: keep only the last ``truncate`` of the unrolled steps in the graph (``None`` = all).
-        unroll_memory: what an unrolled step keeps for the backward pass: ``"graph"`` (its whole graph)
-            or ``"remat"`` (only its inputs; the step runs again in the backward pass, replaying its
-            random numbers: far less memory for one more forward and backward per step).
+        unroll_memory: what an unrolled step keeps for the backward pass: ``"graph"`` (its whole graph),
+            ``"remat"`` (only its inputs; the step runs again in the backward pass, replaying its
+            random numbers, and is differentiated by double backward: far less memory for one more
+            forward and backward per step) or ``"mixed"`` (the same, with the step's second-order
+            products in forward mode, MixFlow-MG; not for a problem whose gradient goes through lower
+            problems, nor with BatchNorm in train mode). See :mod:`betty_like.hypergrad.unroll_memory`.
+        unroll_checkpoint_every: with ``"remat"`` or ``"mixed"``, only every this-many-th unrolled step
+            keeps its inputs; the others are recomputed from it in the backward pass (about
+            ``K / c + c`` kept steps instead of ``K``, for one more forward per step). ``None``: every step.
         iterations: maximum iterations of the linear solver (neumann, cg, fixed_point).
         alpha: Neumann step size; ``None`` uses the problem's learning rate.
         tol: relative residual at which the solver stops; ``None`` picks a tolerance suited to the
@@ -128,6 +134,7 @@ class ProblemConfig:
     darts_scale: str = "lr"
     nested: str = "total"
     unroll_memory: str = "graph"
+    unroll_checkpoint_every: int | None = None
     step_every: int = 1
     warmup_steps: int = 0
     grad_clip: float | None = None
@@ -161,6 +168,12 @@ class ProblemConfig:
             _positive_int(owner, name, getattr(self, name))
         if self.truncate is not None:
             _positive_int(owner, "truncate", self.truncate)
+        if self.unroll_checkpoint_every is not None:
+            _positive_int(owner, "unroll_checkpoint_every", self.unroll_checkpoint_every)
+            _require(
+                self.unroll_memory != "graph", owner, "unroll_checkpoint_every", self.unroll_checkpoint_every,
+                "it recomputes lean steps: set unroll_memory='remat' or 'mixed' too, or leave it None",
+            )
         _require(
             isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
             owner,

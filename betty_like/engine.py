@@ -44,7 +44,7 @@ from .execution import ExecutionChoice, plan_executions, plan_hvps
 from .graph import Graph
 from .hypergrad import HypergradInfo, Program, hypergradient
 from .hypergrad._tree import detach
-from .hypergrad.unroll import WindowStep, keeps_graph, rematerialized, window_gradient
+from .hypergrad.unroll_memory import WindowStep, keeps_graph, rematerialized, window_gradient
 from .logging import Metrics, log_policies
 from .optim import Params, clip_grad_norm
 from .precision import Precision, device_type
@@ -96,9 +96,9 @@ class Engine:
         self._dist.broadcast(p.module for p in problems)
         kind = device_type(self.device, [p.module for p in problems])
         self._precision = Precision(self.config.precision, kind, self.config.loss_scale)
-        remat = [n for n, p in self.problems.items() if p.config.unroll_memory == "remat"]
-        if remat and (self._dist.active or self.config.precision == "fp16"):  # the replayed step has no scaler or all-reduce
-            raise ValueError(f"problems {remat}: unroll_memory='remat' is not supported with fp16 or data parallel yet; use 'graph'")
+        lean = {n: p.config.unroll_memory for n, p in self.problems.items() if p.config.unroll_memory != "graph"}
+        if lean and (self._dist.active or self.config.precision == "fp16"):  # the replayed step has no scaler or all-reduce
+            raise ValueError(f"problems {lean}: these unroll_memory modes are not supported with fp16 or data parallel yet; use 'graph'")
         for p in problems:
             p._engine = self
         self.iteration = 0
@@ -286,12 +286,12 @@ class Engine:
         setup, config = self._setups[name], self.problems[name].config
         window = self._window(name)
         keep = keeps_graph(config.truncate, window.steps + 1, setup.period)
-        remat = keep and config.unroll_memory == "remat"
+        remat = keep and config.unroll_memory != "graph"
         with self._precision.forward(config, second_order=keep), self._evaluations.step():
             program = self.program(copies=keep, scaled=name, bind_batches=remat)
             if remat:
-                step = WindowStep(program, name, window.params, window.state, setup.functional, config.grad_clip, setup.method.through_w)
-                result, params, state = rematerialized(step, list(self._modules.buffers()))
+                step = WindowStep(program, name, window.params, window.state, setup.functional, config, setup.method.through_w, self._modules)
+                result, params, state = rematerialized(step)
                 commit = partial(self._advance_window, name, lambda _: (params, state))
             else:
                 result, origin = window_gradient(program, name, window.params, keep, setup.method.through_w)
