@@ -117,7 +117,7 @@ class Engine:
         self.callbacks = Callbacks([*callbacks, *policies])
         self._evaluations = Evaluations(self._modules.buffers(), self.problems)
         self._configs = {n: s.config for n, s in self._setups.items()}
-        self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once)
+        self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once, self.metrics.record)
 
     def status(self, name: str) -> ProblemStatus:
         """A read-only view of problem ``name``: steps, last loss, last gradient, solver diagnostics."""
