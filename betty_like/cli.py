@@ -16,7 +16,8 @@ An experiment has three sections:
   or ``build._target_``: one factory that builds every problem (for problems that share modules or
   data), called with its other keys and ``configs``, the ``ProblemConfig`` of each named problem;
 - ``problem.<problem>``: its :class:`~betty_like.ProblemConfig` (presets in ``configs/problem/``);
-- ``dependencies``: ``u2l`` / ``l2u`` by problem name.
+- ``dependencies``: ``u2l`` / ``l2u`` by problem name;
+- ``callbacks`` (optional): a list of :class:`~betty_like.callbacks.Callback` objects by ``_target_``.
 
 ``ProblemConfig`` and ``EngineConfig`` are registered as structured configs (``problem/schema``,
 ``engine/schema``), so an unknown key, a wrong type or an unknown method fails at start with
@@ -115,7 +116,8 @@ def build(cfg: DictConfig) -> Engine:
         problems = instantiate(cfg.build, _partial_=True)(configs=configs)
     else:
         problems = [_problem(name, spec, configs.get(name, ProblemConfig())) for name, spec in cfg.build.items()]
-    return Engine(problems, _plain(cfg.get("dependencies")), EngineConfig(**_plain(cfg.engine)))
+    callbacks = [instantiate(c) for c in cfg.get("callbacks") or []]
+    return Engine(problems, _plain(cfg.get("dependencies")), EngineConfig(**_plain(cfg.engine)), callbacks=callbacks)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
