@@ -358,6 +358,7 @@ def main(argv=None) -> dict[str, float]:
         f"{results['weight_clean']:.3f}, harmful {results['weight_harmful']:.3f} (all start at 0.5)"
     )
     print(f"  reweight loss {results['reweight_loss_first']:.3f} -> {results['reweight_loss_last']:.3f}")
+    results["history"] = engine.history
     return results
 
 

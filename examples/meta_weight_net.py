@@ -384,6 +384,7 @@ def main(argv=None) -> dict[str, float]:
         "  weight(loss)    "
         + "  ".join(f"{l:.0f}:{w:.2f}" for l, w in zip(range(6), curve.tolist(), strict=True))
     )
+    result["history"] = engine.history
     return result
 
 

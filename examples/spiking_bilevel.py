@@ -121,11 +121,11 @@ def synapses_only(iters: int, fine_per_coarse: int = 16, seed: int = 0) -> float
     return accuracy(lower.module, *held_out_sweeps(seed))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--fine-per-coarse", type=int, default=16)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     engine, net, neurons, _ = build(args.iters, args.fine_per_coarse)
     test = held_out_sweeps(0)
@@ -133,12 +133,14 @@ def main() -> None:
     print(f"test accuracy before training: {accuracy(net, *test):.1%}")
     engine.run()
     print(f"test accuracy after {args.iters} iterations, bilevel (synapses + neurons): {accuracy(net, *test):.1%}")
+    bilevel = accuracy(net, *test)
     baseline = synapses_only(args.iters, args.fine_per_coarse)
     print(f"test accuracy after {args.iters} iterations, synapses only (baseline):     {baseline:.1%}")
     for n, (neuron, start) in enumerate(zip(neurons, before, strict=True)):
         moved = (neuron.threshold.detach() - start).abs().mean().item()
         tau = neuron.log_tau_mem.detach().exp().mean().item()
         print(f"layer {n}: mean |threshold change| {moved:.4f}, mean tau_mem {tau * 1e6:.1f} us")
+    return {"bilevel_accuracy": bilevel, "synapses_only_accuracy": baseline, "history": engine.history}
 
 
 if __name__ == "__main__":
