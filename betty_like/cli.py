@@ -1,9 +1,10 @@
 """``betty-like`` / ``python -m betty_like``: run an experiment from Hydra configs.
 
 ``betty-like experiment=reweight_digits engine.train_iters=500 problem.classifier.hypergrad=cg`` composes
-``configs/config.yaml`` with an experiment, builds every problem from the experiment's ``build``
-section (``_target_`` names the user's own :class:`~betty_like.Problem` subclass, module, optimizer
-and data, importable from the current directory) and runs the engine. ``-m`` sweeps
+``config.yaml`` of the packaged ``betty_like/configs`` with an experiment, builds every problem from the
+experiment's ``build`` section (``_target_`` names the user's own :class:`~betty_like.Problem` subclass,
+module, optimizer and data, importable from the current directory) and runs the engine. Experiments of
+one's own live in any directory added with ``hydra.searchpath=[file://my_configs]``. ``-m`` sweeps
 (``-m problem.classifier.hypergrad=cg,neumann``) give one run directory per value; each holds the
 resolved ``config.yaml``, ``logs/`` (CSV, TensorBoard) and ``checkpoints/``.
 
@@ -12,8 +13,11 @@ An experiment has three sections:
 - ``build.<problem>``: ``_target_`` (a Problem subclass), ``module``, ``optimizer`` (a
   ``_partial_`` optimizer, called with the module's parameters), optional ``scheduler``
   (``_partial_``, called with the optimizer), ``data``, and any extra keyword arguments of the class;
+  or ``build._target_``: one factory that builds every problem (for problems that share modules or
+  data), called with its other keys and ``configs``, the ``ProblemConfig`` of each named problem;
 - ``problem.<problem>``: its :class:`~betty_like.ProblemConfig` (presets in ``configs/problem/``);
-- ``dependencies``: ``u2l`` / ``l2u`` by problem name.
+- ``dependencies``: ``u2l`` / ``l2u`` by problem name;
+- ``callbacks`` (optional): a list of :class:`~betty_like.callbacks.Callback` objects by ``_target_``.
 
 ``ProblemConfig`` and ``EngineConfig`` are registered as structured configs (``problem/schema``,
 ``engine/schema``), so an unknown key, a wrong type or an unknown method fails at start with
@@ -41,7 +45,7 @@ from .config import EngineConfig, ProblemConfig
 from .engine import Engine
 from .hypergrad import METHODS
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")  # package data: in the wheel too
 _CHOICES = {
     "hypergrad": list(METHODS),
     "nested": configs.NESTED_RULES,
@@ -90,23 +94,30 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if isinstance(node, DictConfig) else node
 
 
+def _problem(name: str, spec: DictConfig, config: ProblemConfig) -> Any:
+    """One problem from its ``build.<name>`` section: class, module, optimizer, scheduler, data, extras."""
+    parts = {k: v for k, v in spec.items() if k != "_target_"}
+    module = instantiate(parts.pop("module"))
+    optimizer = instantiate(parts.pop("optimizer"))(module.parameters())
+    scheduler = parts.pop("scheduler", None)
+    scheduler = instantiate(scheduler)(optimizer) if scheduler is not None else None
+    data = instantiate(parts.pop("data", None))
+    extra = {k: instantiate(v) for k, v in parts.items()}
+    cls = get_class(spec._target_)
+    return cls(name, module=module, optimizer=optimizer, scheduler=scheduler, data=data, config=config, **extra)
+
+
 def build(cfg: DictConfig) -> Engine:
     """The engine an experiment config describes (see the module docstring)."""
     if "build" not in cfg or not cfg.build:
         raise ValueError("the config has no problems: choose an experiment, e.g. experiment=reweight_digits")
-    problems = []
-    for name, spec in cfg.build.items():
-        parts = {k: v for k, v in spec.items() if k != "_target_"}
-        module = instantiate(parts.pop("module"))
-        optimizer = instantiate(parts.pop("optimizer"))(module.parameters())
-        scheduler = parts.pop("scheduler", None)
-        scheduler = instantiate(scheduler)(optimizer) if scheduler is not None else None
-        data = instantiate(parts.pop("data", None))
-        config = ProblemConfig(**_plain(cfg.get("problem", {}).get(name, {})))
-        extra = {k: instantiate(v) for k, v in parts.items()}
-        cls = get_class(spec._target_)
-        problems.append(cls(name, module=module, optimizer=optimizer, scheduler=scheduler, data=data, config=config, **extra))
-    return Engine(problems, _plain(cfg.get("dependencies")), EngineConfig(**_plain(cfg.engine)))
+    configs = {name: ProblemConfig(**_plain(spec)) for name, spec in cfg.get("problem", {}).items()}
+    if "_target_" in cfg.build:  # one factory builds every problem
+        problems = instantiate(cfg.build, _partial_=True)(configs=configs)
+    else:
+        problems = [_problem(name, spec, configs.get(name, ProblemConfig())) for name, spec in cfg.build.items()]
+    callbacks = [instantiate(c) for c in cfg.get("callbacks") or []]
+    return Engine(problems, _plain(cfg.get("dependencies")), EngineConfig(**_plain(cfg.engine)), callbacks=callbacks)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -116,7 +116,7 @@ class Engine:
         self._evaluations = Evaluations(self._modules.buffers(), self.problems)
         self._configs = {n: s.config for n, s in self._setups.items()}
         self._audit = LossAudit(self.graph, self._setups, self._warn_once)
-        self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once)
+        self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once, self.metrics.record)
         self._hvps = plan_hvps(self._setups, self._modules, lambda n: self._batches[n], self._warn_once)
 
     def status(self, name: str) -> ProblemStatus:

@@ -69,6 +69,11 @@ class Metrics:
         if self._current == owner:
             self._values[owner][key] = value.detach() if torch.is_tensor(value) else float(value)
 
+    def record(self, owner: str, values: Mapping[str, Any]) -> None:
+        """Record ``values`` for ``owner``'s current step (a captured step's dict result, evaluated once)."""
+        for key, value in values.items():
+            self._values.setdefault(owner, {})[key] = value.detach() if torch.is_tensor(value) else float(value)
+
     def split(self, owner: str, out: Any, capturing: bool) -> Any:
         """The loss of a ``training_step`` result; a dict's other scalars are recorded as metrics."""
         if not isinstance(out, Mapping):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -118,10 +119,8 @@ def batches(data: KronData, y: torch.Tensor, size: int) -> list[tuple[torch.Tens
     return [(data.U[i : i + size], data.V[i : i + size], y[i : i + size]) for i in range(0, data.n, size)]
 
 
-def learn_threshold(
-    iters: int = 150, m: int = 256, start: float = 1.5, lr: float = 5.0, seed: int = 0
-) -> dict:
-    """Fit the pair network while the upper level tunes its threshold b; returns b and held-out losses."""
+def problems(configs: Mapping[str, ProblemConfig], m: int = 256, start: float = 1.5, lr: float = 5.0, seed: int = 0) -> list[Problem]:
+    """The threshold (upper) and fit (lower) problems: the CLI experiment's factory and ``learn_threshold``'s."""
     torch.manual_seed(seed)
     train, y, valid, y_valid = digit_pairs(1024, 512, seed=seed)
     net, shift = PairNet(64, 64, m), Shift(start)
@@ -130,14 +129,25 @@ def learn_threshold(
         module=net,
         optimizer=torch.optim.SGD(net.parameters(), lr=lr),
         data=batches(train, y, 64),
-        config=ProblemConfig(hypergrad="unroll", unroll_steps=5),
+        config=configs.get("fit", ProblemConfig(hypergrad="unroll", unroll_steps=5)),
     )
     threshold = Threshold(
         "threshold",
         module=shift,
         optimizer=torch.optim.Adam(shift.parameters(), lr=0.05),
         data=batches(valid, y_valid, 128),
+        config=configs.get("threshold", ProblemConfig()),
     )
+    return [threshold, fit]
+
+
+def learn_threshold(
+    iters: int = 150, m: int = 256, start: float = 1.5, lr: float = 5.0, seed: int = 0
+) -> dict:
+    """Fit the pair network while the upper level tunes its threshold b; returns b and held-out losses."""
+    threshold, fit = problems({}, m, start, lr, seed)
+    _, _, valid, y_valid = digit_pairs(1024, 512, seed=seed)
+    net, shift = fit.module, threshold.module
     engine = Engine(
         [threshold, fit],
         dependencies={"u2l": {threshold: [fit]}, "l2u": {fit: [threshold]}},
@@ -149,7 +159,7 @@ def learn_threshold(
         accuracy = (torch.sign(net(valid.U, valid.V, shift.value)) == y_valid).float().mean().item()
     print(f"learned threshold b: {start:.3f} -> {shift.value.item():.3f}")
     print(f"held-out loss {valid_loss:.4f}, held-out accuracy {accuracy:.3f}")
-    return {"shift": shift.value.item(), "valid_loss": valid_loss, "accuracy": accuracy}
+    return {"shift": shift.value.item(), "valid_loss": valid_loss, "accuracy": accuracy, "history": engine.history}
 
 
 if __name__ == "__main__":

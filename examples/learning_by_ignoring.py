@@ -46,6 +46,7 @@ import copy
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +216,8 @@ def train_plain(source, target, test, args, use_source: bool, valid_every: int) 
     return finetune, best
 
 
-def train_lbi(source, target, valid, test, args, valid_every: int):
+def make_problems(source, target, valid, test, args, configs: Mapping[str, ProblemConfig]) -> list[Problem]:
+    """The reweight, finetune and pretrain problems with the script's settings."""
     pretrain_net, finetune_net = initial_models(args)
     logits = IgnoringLogits(len(source[1]))
     p_opt, f_opt = adam(pretrain_net, args), adam(finetune_net, args)
@@ -226,7 +228,7 @@ def train_lbi(source, target, valid, test, args, valid_every: int):
         optimizer=p_opt,
         scheduler=step_lr(p_opt, args),
         data=indexed_batches(source[0], source[1], args.batch_size, args.seed),
-        config=lower_config(args.method),
+        config=configs.get("pretrain", lower_config(args.method)),
     )
     finetune = Finetuning(
         "finetune",
@@ -234,7 +236,7 @@ def train_lbi(source, target, valid, test, args, valid_every: int):
         optimizer=f_opt,
         scheduler=step_lr(f_opt, args),
         data=((x, y) for x, y, _ in indexed_batches(target[0], target[1], args.batch_size, args.seed + 1)),
-        config=lower_config(args.method),
+        config=configs.get("finetune", lower_config(args.method)),
         lam=args.lam,
         test=test,
         verbose=args.verbose,
@@ -245,9 +247,25 @@ def train_lbi(source, target, valid, test, args, valid_every: int):
         optimizer=r_opt,
         scheduler=step_lr(r_opt, args),
         data=((x, y) for x, y, _ in indexed_batches(valid[0], valid[1], args.batch_size, args.seed + 2)),
-        config=ProblemConfig(),
+        config=configs.get("reweight", ProblemConfig()),
         lam=args.lam,
     )
+    return [reweight, finetune, pretrain]
+
+
+def problems(configs: Mapping[str, ProblemConfig], argv: Sequence[str] = ()) -> list[Problem]:
+    """The CLI experiment's factory: the three problems with the settings ``argv`` gives the script."""
+    args = parse_args([str(a) for a in argv])  # YAML turns "20" into 20
+    return make_problems(*splits(args), args, configs)
+
+
+def splits(args):
+    """Source (with harmful examples), target, validation and test splits."""
+    return lbi_digits(args.seed, args.source_noise, args.shift, args.target_size, args.valid_size, 400)
+
+
+def train_lbi(source, target, valid, test, args, valid_every: int):
+    reweight, finetune, pretrain = make_problems(source, target, valid, test, args, {})
     engine = Engine(
         [reweight, finetune, pretrain],
         dependencies={
@@ -257,7 +275,7 @@ def train_lbi(source, target, valid, test, args, valid_every: int):
         config=EngineConfig(train_iters=args.iters, valid_every=valid_every, seed=args.seed),
     )
     engine.run()
-    return engine, finetune_net, logits, finetune.best_acc
+    return engine, finetune.module, reweight.module, finetune.best_acc
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -290,9 +308,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict[str, float]:
     """Run the two baselines and Learning by Ignoring, print a summary, return the numbers."""
     args = parse_args(argv)
-    source, target, valid, test = lbi_digits(
-        args.seed, args.source_noise, args.shift, args.target_size, args.valid_size, 400
-    )
+    source, target, valid, test = splits(args)
     harmful = source[2]
     valid_every = max(1, args.iters // args.valid_points)
     print(
@@ -342,6 +358,7 @@ def main(argv=None) -> dict[str, float]:
         f"{results['weight_clean']:.3f}, harmful {results['weight_harmful']:.3f} (all start at 0.5)"
     )
     print(f"  reweight loss {results['reweight_loss_first']:.3f} -> {results['reweight_loss_last']:.3f}")
+    results["history"] = engine.history
     return results
 
 

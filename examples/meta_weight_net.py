@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -206,11 +207,11 @@ def train_baseline(train, test, args, valid_every: int) -> tuple[nn.Module, floa
     return model, best
 
 
-def train_meta_weight_net(train, meta, test, args, valid_every: int):
+def make_problems(train, meta, test, args, configs: Mapping[str, ProblemConfig]) -> list[Problem]:
+    """The outer (weight net) and inner (classifier) problems with the script's settings."""
     torch.manual_seed(args.seed)
     model = classifier()
     weight_net = WeightNet(args.meta_net_hidden_size, args.meta_net_num_layers)
-    initial = [p.detach().clone() for p in weight_net.parameters()]
     optimizer, scheduler = make_inner_optimizer(model, args)
     inner = Inner(
         "inner",
@@ -218,7 +219,7 @@ def train_meta_weight_net(train, meta, test, args, valid_every: int):
         optimizer=optimizer,
         scheduler=scheduler,
         data=shuffled_batches(train[0], train[1], args.batch_size, args.seed),
-        config=lower_config(args.method),
+        config=configs.get("inner", lower_config(args.method)),
         test=test,
         verbose=args.verbose,
         normalize=args.normalize,
@@ -230,8 +231,28 @@ def train_meta_weight_net(train, meta, test, args, valid_every: int):
             weight_net.parameters(), lr=args.meta_lr, weight_decay=args.meta_weight_decay
         ),
         data=shuffled_batches(meta[0], meta[1], args.batch_size, args.seed + 1),
-        config=ProblemConfig(),
+        config=configs.get("outer", ProblemConfig()),
     )
+    return [outer, inner]
+
+
+def problems(configs: Mapping[str, ProblemConfig], argv: Sequence[str] = ()) -> list[Problem]:
+    """The CLI experiment's factory: the two problems with the settings ``argv`` gives the script."""
+    args = parse_args([str(a) for a in argv])  # YAML turns "20" into 20
+    train, meta, test, _ = splits(args)
+    return make_problems(train, meta, test, args, configs)
+
+
+def splits(args):
+    """Training (corrupted, possibly imbalanced), clean meta and test splits, and the class counts."""
+    corruption = None if args.corruption_type == "none" else args.corruption_type
+    return meta_weight_digits(args.seed, args.num_meta, 500, args.imbalanced_factor, corruption, args.corruption_ratio)
+
+
+def train_meta_weight_net(train, meta, test, args, valid_every: int):
+    outer, inner = make_problems(train, meta, test, args, {})
+    weight_net, model = outer.module, inner.module
+    initial = [p.detach().clone() for p in weight_net.parameters()]
     engine = Engine(
         [outer, inner],
         dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}},
@@ -287,9 +308,7 @@ def main(argv=None) -> dict[str, float]:
     """Run the baseline and Meta-Weight-Net, print a summary, return the numbers."""
     args = parse_args(argv)
     corruption = None if args.corruption_type == "none" else args.corruption_type
-    train, meta, test, counts = meta_weight_digits(
-        args.seed, args.num_meta, 500, args.imbalanced_factor, corruption, args.corruption_ratio
-    )
+    train, meta, test, counts = splits(args)
     valid_every = max(1, args.iters // args.valid_points)
     x_train, y_train, y_true = train
     corrupted = y_train != y_true
@@ -365,6 +384,7 @@ def main(argv=None) -> dict[str, float]:
         "  weight(loss)    "
         + "  ".join(f"{l:.0f}:{w:.2f}" for l, w in zip(range(6), curve.tolist(), strict=True))
     )
+    result["history"] = engine.history
     return result
 
 

@@ -153,7 +153,7 @@ def train_reweighted(train, valid, steps: int, lr: float, batch_size: int, seed:
         config=EngineConfig(train_iters=steps, seed=seed),
     )
     engine.run()
-    return model, weights
+    return model, weights, engine.history
 
 
 def run(
@@ -163,14 +163,14 @@ def run(
     method: str = "unroll",
     lr: float = 0.1,
     batch_size: int = 100,
-) -> dict[str, float]:
-    """Train plainly and with learned reweighting; return test accuracies and the learned weights."""
+) -> dict:
+    """Train plainly and with learned reweighting; test accuracies, learned weights, the engine's loss history."""
     train, valid, test = noisy_digits(noise, seed)
     start = time.perf_counter()
     plain = train_plain(train, steps, lr, batch_size, seed)
     plain_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    model, weights = train_reweighted(train, valid, steps, lr, batch_size, seed, method)
+    model, weights, history = train_reweighted(train, valid, steps, lr, batch_size, seed, method)
     reweighted_seconds = time.perf_counter() - start
     with torch.no_grad():
         x, y, flipped = train
@@ -182,16 +182,17 @@ def run(
         "weight_corrupted": float(example_weights[flipped].mean()),
         "plain_seconds": plain_seconds,
         "reweighted_seconds": reweighted_seconds,
+        "history": history,
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1500, help="inner (classifier) steps for both runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", type=float, default=0.4, help="fraction of training labels flipped")
     parser.add_argument("--method", default="unroll", help="hypergradient method of the classifier problem")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     r = run(args.steps, args.seed, args.noise, args.method)
     print(f"digits, {args.noise:.0%} of training labels flipped, {args.steps} steps, method={args.method}")
@@ -203,6 +204,7 @@ def main() -> None:
     print(
         f"  mean learned weight:  clean examples {r['weight_clean']:.3f}, corrupted {r['weight_corrupted']:.3f}"
     )
+    return r
 
 
 if __name__ == "__main__":

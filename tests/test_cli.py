@@ -39,6 +39,36 @@ def test_an_experiment_runs_and_its_run_directory_holds_config_logs_and_checkpoi
     assert (run / "checkpoints" / "ckpt-00000006.pt").exists()
 
 
+EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.py"))
+# per experiment, what makes it tiny besides TINY: an upper step within 4 iterations
+SMALL = {
+    "hyperparameter_optimization": ["problem.classifier.unroll_steps=2"],
+    "imaml_sinusoid": ["problem.adapt.unroll_steps=2"],
+    "kron_pairs": ["problem.fit.unroll_steps=2"],
+    "meta_weight_net": ["build.argv=[--batch_size,20]"],
+}
+
+
+def test_every_example_has_an_experiment():
+    experiments = {p.stem for p in (ROOT / "betty_like" / "configs" / "experiment").glob("*.yaml")}
+    assert [e for e in EXAMPLES if e not in experiments] == []
+
+
+@pytest.mark.parametrize("name", [e for e in EXAMPLES if e != "reweight_digits"])  # reweight_digits: the test above
+def test_each_example_experiment_runs_end_to_end(tmp_path, name):
+    result = cli(f"experiment={name}", *TINY, *SMALL.get(name, []), f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "${" not in (tmp_path / "config.yaml").read_text()  # resolved
+    with open(tmp_path / "logs" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["iteration"] for r in rows} == {"2", "4"}
+    tags = {r["tag"] for r in rows}
+    assert {f"{problem}/loss" for problem in config["problem"]} <= tags  # every problem stepped and logged
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+    assert (tmp_path / "checkpoints" / "ckpt-00000004.pt").exists()
+
+
 def test_a_multirun_of_two_values_makes_two_run_directories(tmp_path):
     script = ROOT / ".venv" / "bin" / "betty-like"  # the console script, where make's bootstrap installed it
     entry = (str(script),) if script.exists() else (sys.executable, "-m", "betty_like")

@@ -281,3 +281,28 @@ def test_a_loaded_optimizer_state_is_what_the_captured_step_continues_from():
     for a, b in zip(runs[0][0], runs[1][0], strict=True):
         torch.testing.assert_close(a, b, **TOL)
     assert_same_state(runs[0][1], runs[1][1])
+
+
+class FitWithMetrics(Fit):
+    """A ``training_step`` that returns a dict: the loss and a scalar computed from the same forward."""
+
+    def training_step(self, batch):
+        x, y = batch
+        residual = self.module(x).squeeze(-1) - y
+        return {"loss": (residual**2).mean(), "max_abs_residual": residual.abs().max()}
+
+
+def test_a_dict_result_is_a_loss_and_metrics_on_captured_steps_too():
+    runs = {}
+    for execution in ("eager", "compiled"):
+        engine, problem = single(execution, OPTIMIZERS["sgd_momentum"], cls=FitWithMetrics)
+        engine.run()
+        runs[execution] = (engine, problem)
+    (eager_engine, eager), (engine, captured) = runs["eager"], runs["compiled"]
+    for a, b in zip(params(eager), params(captured), strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    (choice,) = engine.execution_choices("fit").values()
+    assert choice.path == "compiled"
+    # the last step was a captured one; its metric is the number the eager run's last step computed
+    expected = float(eager_engine.status("fit").metrics["max_abs_residual"])
+    assert float(engine.status("fit").metrics["max_abs_residual"]) == pytest.approx(expected, rel=1e-9)

@@ -12,7 +12,7 @@ and optimizer state tensors in place, so the module and the optimizer stay the s
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -103,14 +103,14 @@ class CapturedStep:
                 by_name[name][key] = t
             hps = {n: {**self.group_hyperparameters[group_of[n]], "lr": lrs[group_of[n]]} for n in names}
 
-            def loss_of(w: Params) -> Tensor:
-                return call_with(modules, {**context, **w}, training_step, batch).reshape(())
+            def loss_of(w: Params) -> tuple[Tensor, dict[str, Any]]:
+                return loss_and_metrics(call_with(modules, {**context, **w}, training_step, batch))
 
-            grads, loss = grad_and_value(loss_of)(w)
+            grads, (loss, metrics) = grad_and_value(loss_of, has_aux=True)(w)
             applied = grads if grad_clip is None else clip_grad_norm(grads, grad_clip)
             new_w, new_state = functional.step(w, applied, by_name, hps)
             results = [new_w[n] for n in names] + [new_state[n][k] for n, k in state_keys]
-            return loss, [grads[n] for n in names], results
+            return loss, [grads[n] for n in names], results, metrics
 
         self._compiled = torch.compile(own_code(step), **compile_options(self.device.type))
 
@@ -130,15 +130,16 @@ class CapturedStep:
             if static != self.group_hyperparameters[i]:
                 self.group_hyperparameters[i] = static
 
-    def __call__(self, batch: Any, context: Params) -> tuple[Tensor, Params, Callable[[], None]]:
-        """Run the captured step: ``(loss, gradients, commit)``; ``commit()`` writes the update in place.
+    def __call__(self, batch: Any, context: Params) -> tuple[Tensor, Params, Callable[[], None], dict[str, Any]]:
+        """Run the captured step: ``(loss, gradients, commit, metrics)``; ``commit()`` writes the update in place.
 
-        Nothing is written until ``commit`` is called, so a non-finite loss can skip the step.
+        Nothing is written until ``commit`` is called, so a non-finite loss can skip the step. ``metrics``
+        are the other entries of a ``training_step`` that returns a dict.
         """
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
-            loss, grads, results = self._compiled(self.params, self.state_tensors, self.lrs, context, batch)
+            loss, grads, results, metrics = self._compiled(self.params, self.state_tensors, self.lrs, context, batch)
         if self.device.type == "cuda":
             grads = [g.clone() for g in grads]  # the next replay overwrites the graph's output buffers
 
@@ -146,4 +147,15 @@ class CapturedStep:
             with torch.no_grad():
                 torch._foreach_copy_(self._targets, results)
 
-        return loss, dict(zip(self.names, grads, strict=True)), commit
+        return loss, dict(zip(self.names, grads, strict=True)), commit, metrics
+
+
+def loss_and_metrics(out: Any) -> tuple[Tensor, dict[str, Any]]:
+    """A ``training_step`` result as (0-d loss, other scalars): a tensor, or a dict with ``"loss"``.
+
+    The first step of a problem runs eager, where a dict without ``"loss"`` or a non-tensor loss is
+    already an error naming the problem, so the captured step sees only well-formed results.
+    """
+    if isinstance(out, Mapping):
+        return out["loss"].reshape(()), {k: v for k, v in out.items() if k != "loss"}
+    return out.reshape(()), {}

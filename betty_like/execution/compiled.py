@@ -88,8 +88,10 @@ class StepExecution:
         functional: FunctionalOptimizer,
         capture: Callable[[], CapturedStep],
         warn_once: Callable[[str, str], None],
+        record: Callable[[str, Mapping[str, Any]], None],
     ) -> None:
         self.owner = owner
+        self._record = record  # the engine's metrics: a dict-returning training_step's scalars on captured steps
         self.execution = execution
         self._make = capture
         self.functional = functional
@@ -127,7 +129,9 @@ class StepExecution:
         if captured is None:
             raise RuntimeError(f"problem {self.owner!r}: replay before the first eager step (engine bug)")
         captured.refresh(self.functional)
-        return captured(batch, context)
+        loss, gradient, commit, metrics = captured(batch, context)
+        self._record(self.owner, metrics)
+        return loss, gradient, commit
 
     def _new_choice(self, key: tuple) -> ExecutionChoice:
         if len(self.choices) >= MAX_SHAPES:
@@ -203,11 +207,13 @@ def plan_executions(
     lowers: Callable[[str], list[str]],
     modules: ProblemModules,
     warn_once: Callable[[str, str], None],
+    record: Callable[[str, Mapping[str, Any]], None],
 ) -> dict[str, StepExecution]:
     """A :class:`StepExecution` for every problem whose config asks for one and that has plain steps.
 
     ``states`` are the engine's per-problem set-ups (problem, leaves, functional optimizer, whether it
-    unrolls); ``lowers(name)`` lists the problems ``name`` reads (a problem that reads none steps alone). Raises ``TypeError`` for ``execution="compiled"`` with an optimizer that has no pure step.
+    unrolls); ``lowers(name)`` lists the problems ``name`` reads (a problem that reads none steps alone);
+    ``record(name, metrics)`` takes the scalars of a captured step's dict result. Raises ``TypeError`` for ``execution="compiled"`` with an optimizer that has no pure step.
     """
     executions: dict[str, StepExecution] = {}
     for name, state in states.items():
@@ -248,6 +254,6 @@ def plan_executions(
         capture = functools.partial(
             CapturedStep, name, problem.training_step, modules, state.leaves, state.functional, problem.config.grad_clip
         )
-        executions[name] = StepExecution(name, execution, state.functional, capture, warn_once)
+        executions[name] = StepExecution(name, execution, state.functional, capture, warn_once, record)
     return executions
 
