@@ -99,8 +99,8 @@ class Engine:
         kind = device_type(self.device, [p.module for p in problems])
         self._precision = Precision(self.config.precision, kind, self.config.loss_scale)
         remat = [n for n, p in self.problems.items() if p.config.unroll_memory == "remat"]
-        if remat and (self._dist.active or self.config.precision == "fp16"):  # the replayed step has no scaler or all-reduce
-            raise ValueError(f"problems {remat}: unroll_memory='remat' is not supported with fp16 or data parallel yet; use 'graph'")
+        if remat and (self._dist.active or self.config.precision == "fp16"):  # docs/distributed.md: why
+            raise ValueError(f"problems {remat}: unroll_memory='remat' replays each step in the backward pass without the fp16 loss scaler or the data-parallel all-reduce of its gradient, so the replay would not be the step taken; use unroll_memory='graph' here")
         for p in problems:
             p._engine = self
         self.iteration = 0
@@ -117,7 +117,7 @@ class Engine:
         self.callbacks = Callbacks([*callbacks, *policies])
         self._evaluations = Evaluations(self._modules.buffers(), self.problems)
         self._configs = {n: s.config for n, s in self._setups.items()}
-        self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once)
+        self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once, self.config.precision, self._dist.active)
 
     def status(self, name: str) -> ProblemStatus:
         """A read-only view of problem ``name``: steps, last loss, last gradient, solver diagnostics."""
@@ -150,7 +150,7 @@ class Engine:
             self.graph, self._setups, open_windows, self.current_params(),
             lambda n: partial(self._bound_loss, n, scale if n == scaled else 1.0, batch=batch(n)),
             lambda n: (self._dist.push_wrap(self._precision.push_wrap(self._setups[n].problem.config)),
-                       self._dist.matvec_wrap(self._precision.matvec_wrap())),
+                       self._dist.matvec_wrap(self._precision.matvec_wrap()), self._dist.mean),
             copies,
         )
 

@@ -37,6 +37,9 @@ class HypergradContext:
         create_graph: the push itself is differentiated further (a deeper level's stationarity).
         matvec_wrap: applied to every Hessian-vector product map: the place for precision and
             cross-process reduction.
+        shared: a cotangent reaching a linear solve in a backward pass, as the adjoint system's
+            right-hand side (the mean over ranks under data parallel; see
+            :class:`~._linsolve.LinearSystem`).
     """
 
     owner: str
@@ -48,6 +51,7 @@ class HypergradContext:
     optimizer: FunctionalOptimizer
     create_graph: bool = False
     matvec_wrap: Callable[[MatVec], MatVec] = field(default=_identity)
+    shared: Callable[[Params], Params] = field(default=_identity)
 
 
 @dataclass
