@@ -16,6 +16,7 @@ import torch
 from ._data import BatchStream
 from .backends.registry import check_policy, first_order_only_layers, swap
 from .config import ProblemConfig
+from .distributed import check_exact
 from .graph import Graph
 from .hypergrad import CurvatureEstimate, Method, get_method
 from .optim import FunctionalOptimizer, Params
@@ -123,6 +124,7 @@ def set_up(
     served = [n for n in graph.names if p.name in graph.responders(n)]
     if served:
         _check_method(p, method, graph, problems)
+        check_exact(p.name, method.name, p.optimizer, data_parallel=shard is not None)
     unrolls = method.unrolled and bool(served)
     if unrolls and p.config.unroll_memory != "graph":
         _check_unroll_memory(p, graph, problems, served)

@@ -18,7 +18,7 @@ def snapshot(
     open_windows: set[str],
     current: Params,
     loss_of: Callable[[str], Callable[[Params], Tensor]],
-    wraps_of: Callable[[str], tuple[Callable, Callable]],
+    wraps_of: Callable[[str], tuple[Callable, Callable, Callable]],
     copies: bool,
     hvps: Mapping[str, Any] | None = None,
 ) -> Program:
@@ -27,8 +27,8 @@ def snapshot(
     With ``copies`` the leaves of problems without an open window enter as copies (still
     differentiable to the leaves): a graph kept by an unrolled step then survives their in-place
     optimizer steps. ``loss_of(name)`` is the problem's loss as the traversal calls it; ``wraps_of``
-    its push and matvec wrappers (precision, data parallel); ``hvps`` the problems' compiled
-    Hessian-vector products (``compile_hypergrad``).
+    its push and matvec wrappers and its solves' ``shared`` (precision, data parallel); ``hvps`` the
+    problems' compiled Hessian-vector products (``compile_hypergrad``).
     """
     levels = {}
     for name, setup in setups.items():
@@ -36,11 +36,11 @@ def snapshot(
         if not windowed:
             setup.functional.reload_state()  # the user's optimizer may have stepped since
         params = {k: current[k].clone() if copies and not windowed else current[k] for k in setup.leaves}
-        push_wrap, matvec_wrap = wraps_of(name)
+        push_wrap, matvec_wrap, shared = wraps_of(name)
         config = setup.problem.config
         hvp = hvps[name].at if hvps and name in hvps else None
         levels[name] = Level(
             name, params, loss_of(name), setup.method, config, setup.functional, windowed, push_wrap, matvec_wrap,
-            hvp, setup.curvature,
+            hvp=hvp, curvature=setup.curvature, shared=shared,
         )
     return Program(graph, levels)

@@ -12,7 +12,10 @@ explicit and the arithmetic is that of one process:
 - a push sum-reduces the vector it is given, every Hessian-vector product of its solve (through the
   traversal's ``matvec_wrap``) and the pushed vector, so every rank solves the same system and
   stops at the same iteration; the pushed vector then enters each rank's gradient divided by the
-  world size, which the step's reduction sums back.
+  world size, which the step's reduction sums back;
+- a solve that is differentiated further (three levels and more) gets each rank's part of a cotangent
+  in its backward pass; its adjoint system's right-hand side is their mean over ranks (:meth:`mean`),
+  so every rank solves the same system with the same iterations.
 
 Betty's scheme (each rank solves its own system with its local gradient, results averaged) is 30 %
 to 510 % off on the digits MLP (issue 18). BatchNorm keeps per-rank statistics (SyncBatchNorm has no
@@ -123,6 +126,13 @@ class DataParallel:
         keys = list(params)
         return dict(zip(keys, _flat_sum([params[k] for k in keys]), strict=True))
 
+    def mean(self, params: Params) -> Params:
+        """The mean over ranks of each rank's part of a cotangent: the right-hand side of a solve's adjoint
+        system (:class:`~betty_like.hypergrad._linsolve.LinearSystem`), the same on every rank."""
+        if not self.active:
+            return params
+        return {k: t / self.world for k, t in self.sum(params).items()}
+
     def matvec_wrap(self, inner: Callable[[MatVec], MatVec]) -> Callable[[MatVec], MatVec]:
         """Every Hessian-vector product summed over ranks (after ``inner``, the precision wrap)."""
         if not self.active:
@@ -145,6 +155,30 @@ class DataParallel:
             return reduced
 
         return wrap
+
+
+def check_exact(problem: str, method: str, optimizer: torch.optim.Optimizer, data_parallel: bool) -> None:
+    """Under ``data_parallel``, refuse a method whose sum over ranks is not the one-process hypergradient.
+
+    Every reduction above sums per-rank *linear* terms: gradients, Hessian-vector products, mixed
+    derivatives. ``fixed_point`` differentiates the optimizer's update ``Phi(w, g_rank)`` on each rank's
+    gradient, and the sum over ranks of those Jacobians is the global one only when the update is affine
+    in the gradient with no term in the weights alone: SGD (momentum, dampening and Nesterov included,
+    whose buffers are constants here) without weight decay. With weight decay every rank adds its
+    ``lr * wd * I`` (the sum counts it ``world`` times); Adam's ``g / sqrt(v)`` of a shard's gradient is
+    not the global one. ``cg`` and ``neumann`` differentiate the loss itself and are exact under any optimizer.
+    """
+    if not data_parallel or method != "fixed_point":
+        return
+    decay = [g.get("weight_decay", 0.0) for g in optimizer.param_groups]
+    if type(optimizer) is torch.optim.SGD and not any(decay):
+        return
+    raise ValueError(
+        f"problem {problem!r}: hypergrad='fixed_point' under data parallel differentiates each rank's optimizer update, "
+        f"whose sum over ranks is exact only for SGD without weight decay, and its optimizer is "
+        f"{type(optimizer).__name__} (weight_decay {decay}): use hypergrad='cg' or 'neumann' (exact under data "
+        "parallel for any optimizer), or SGD with weight_decay=0"
+    )
 
 
 def _share(total: int, world: int, rank: int) -> float:

@@ -97,8 +97,9 @@ class Engine:
         kind = device_type(self.device, [p.module for p in problems])
         self._precision = Precision(self.config.precision, kind, self.config.loss_scale)
         lean = {n: p.config.unroll_memory for n, p in self.problems.items() if p.config.unroll_memory != "graph"}
-        if lean and (self._dist.active or self.config.precision == "fp16"):  # the replayed step has no scaler or all-reduce
-            raise ValueError(f"problems {lean}: these unroll_memory modes are not supported with fp16 or data parallel yet; use 'graph'")
+        if lean and (self._dist.active or self.config.precision == "fp16"):  # docs/distributed.md: why
+            modes = "/".join(repr(m) for m in sorted(set(lean.values())))
+            raise ValueError(f"problems {sorted(lean)}: unroll_memory={modes} replays each step in the backward pass without the fp16 loss scaler or the data-parallel all-reduce of its gradient, so the replay would not be the step taken; use unroll_memory='graph' here")
         for p in problems:
             p._engine = self
         self.iteration = 0
@@ -116,7 +117,7 @@ class Engine:
         self._evaluations = Evaluations(self._modules.buffers(), self.problems)
         self._configs = {n: s.config for n, s in self._setups.items()}
         self._audit = LossAudit(self.graph, self._setups, self._warn_once)
-        self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once, self.metrics.record)
+        self._executions = plan_executions(self._setups, self.graph.reads, self._modules, self._warn_once, self.metrics.record, self.config.precision, self._dist.active)
         self._hvps = plan_hvps(self._setups, self._modules, lambda n: self._batches[n], self._warn_once)
 
     def status(self, name: str) -> ProblemStatus:
@@ -149,7 +150,7 @@ class Engine:
             self.graph, self._setups, open_windows, self.current_params(),
             lambda n: partial(self._bound_loss, n, scale if n == scaled else 1.0, batch=batch(n)),
             lambda n: (self._dist.push_wrap(self._precision.push_wrap(self._setups[n].problem.config)),
-                       self._dist.matvec_wrap(self._precision.matvec_wrap())),
+                       self._dist.matvec_wrap(self._precision.matvec_wrap()), self._dist.mean),
             copies, self._hvps,
         )
 

@@ -4,6 +4,8 @@ On CPU, ``scaled_dot_product_attention`` runs the flash kernel, which has no dou
 engine's plain steps keep it, every pass that is differentiated twice or kept for later runs math.
 """
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from betty_like import Engine, EngineConfig, Problem, ProblemConfig
+from betty_like.hypergrad import total_derivative
 
 
 class TinyAttention(nn.Module):
@@ -76,3 +79,11 @@ def test_hypergradients_through_attention_equal_those_with_the_math_kernel_force
     forced = hypergradient(method, forced_math=True)
     assert torch.isfinite(automatic) and automatic.abs() > 0
     torch.testing.assert_close(automatic, forced, rtol=1e-4, atol=1e-7)
+
+
+def test_the_math_kernel_switch_is_said_once(caplog, monkeypatch):
+    monkeypatch.setattr(total_derivative, "_said", set())  # what this process has said already
+    with caplog.at_level(logging.INFO, logger="betty_like"):
+        hypergradient("cg", forced_math=False)  # two upper steps, each a hypergradient
+    said = [r for r in caplog.records if "scaled_dot_product_attention with its math kernel" in r.message]
+    assert len(said) == 1

@@ -177,3 +177,22 @@ def test_precision_config_is_validated():
         ProblemConfig(hvp_precision="bf16")
     with pytest.raises(ValueError, match="loss_scale=0"):
         EngineConfig(loss_scale=0)
+
+
+def test_captured_steps_refuse_low_precision_and_auto_runs_eager(caplog):
+    """A captured step has no autocast scope or loss scaler: compiled is refused, auto says it runs eager."""
+    with pytest.raises(ValueError, match=r"problem 'inner': execution='compiled' cannot run under EngineConfig\(precision='bf16'\)"):
+        bilevel(ProblemConfig(execution="compiled"), engine_config=EngineConfig(train_iters=2, precision="bf16"))
+    with caplog.at_level(logging.WARNING, logger="betty_like"):
+        engine, _, _ = bilevel(
+            ProblemConfig(execution="auto", hypergrad="cg", damping=0.1),
+            engine_config=EngineConfig(train_iters=2, precision="bf16"),
+        )
+        engine.run()
+    assert engine.execution_choices("inner") == {}
+    assert sum("execution='auto' runs eager under EngineConfig(precision='bf16')" in r.message for r in caplog.records) == 1
+
+
+def test_remat_is_refused_under_fp16_with_the_reason():
+    with pytest.raises(ValueError, match=r"\['inner'\]: unroll_memory='remat'.*without the fp16 loss scaler.*'graph'"):
+        bilevel(ProblemConfig(unroll_memory="remat"), engine_config=EngineConfig(train_iters=2, precision="fp16"))

@@ -208,18 +208,23 @@ def plan_executions(
     modules: ProblemModules,
     warn_once: Callable[[str, str], None],
     record: Callable[[str, Mapping[str, Any]], None],
+    precision: str = "fp32",
+    distributed: bool = False,
 ) -> dict[str, StepExecution]:
     """A :class:`StepExecution` for every problem whose config asks for one and that has plain steps.
 
     ``states`` are the engine's per-problem set-ups (problem, leaves, functional optimizer, whether it
     unrolls); ``lowers(name)`` lists the problems ``name`` reads (a problem that reads none steps alone);
-    ``record(name, metrics)`` takes the scalars of a captured step's dict result. Raises ``TypeError`` for ``execution="compiled"`` with an optimizer that has no pure step.
+    ``record(name, metrics)`` takes the scalars of a captured step's dict result. Raises ``TypeError`` for
+    ``execution="compiled"`` with an optimizer that has no pure step, and ``ValueError`` for it under
+    ``precision`` other than fp32 or ``distributed`` (see :func:`eager_only`).
     """
     executions: dict[str, StepExecution] = {}
+    blocker = eager_only(precision, distributed)
     for name, state in states.items():
         problem = state.problem
         execution = problem.config.execution
-        if execution == "eager":
+        if execution == "eager" or (blocker is not None and _refused(name, execution, blocker, warn_once)):
             continue
         if lowers(name):
             warn_once(
@@ -257,3 +262,30 @@ def plan_executions(
         executions[name] = StepExecution(name, execution, state.functional, capture, warn_once, record)
     return executions
 
+
+
+def eager_only(precision: str, distributed: bool) -> str | None:
+    """Why captured steps cannot run in this engine, or ``None``.
+
+    A captured step is the user's loss, its backward and the optimizer's update, traced as they are:
+    it has no autocast scope, no loss scaling and overflow check (fp16), no shard share and no
+    all-reduce of its gradient (data parallel). Replaying it there would train in fp32, or let the
+    ranks drift apart, without a word, so those engines run every step eager.
+    """
+    reasons = []
+    if precision != "fp32":
+        reasons.append(f"EngineConfig(precision={precision!r}) (a captured step has no autocast or loss scaling)")
+    if distributed:
+        reasons.append("data parallel (a captured step does not all-reduce its gradient)")
+    return " and ".join(reasons) or None
+
+
+def _refused(name: str, execution: str, blocker: str, warn_once: Callable[[str, str], None]) -> bool:
+    """``execution="compiled"`` under ``blocker`` raises; ``"auto"`` runs eager and says so once."""
+    if execution == "compiled":
+        raise ValueError(
+            f"problem {name!r}: execution='compiled' cannot run under {blocker}; use execution='eager' (or 'auto', "
+            "which runs eager here), or precision='fp32' in one process"
+        )
+    warn_once(f"execution:{name}", f"problem {name!r}: execution='auto' runs eager under {blocker}")
+    return True

@@ -42,6 +42,9 @@ class HypergradContext:
             Only a solver's own iterations use it: their products are never differentiated.
         curvature: the lower problem's kept estimate of its largest Hessian eigenvalue (Neumann's
             ``alpha=None``), shared by its solves across steps; ``None``: estimate at every solve.
+        shared: a cotangent reaching a linear solve in a backward pass, as the adjoint system's
+            right-hand side (the mean over ranks under data parallel; see
+            :class:`~._linsolve.LinearSystem`).
     """
 
     owner: str
@@ -55,6 +58,7 @@ class HypergradContext:
     matvec_wrap: Callable[[MatVec], MatVec] = field(default=_identity)
     compiled_hvp: Callable[[], MatVec | None] | None = None
     curvature: CurvatureEstimate | None = None
+    shared: Callable[[Params], Params] = field(default=_identity)
 
 
 @dataclass

@@ -71,7 +71,7 @@ def root_push(
 
     matvec = _damped(product, ctx.config.damping)
 
-    system = LinearSystem(matvec, matvec if symmetric else transpose(matvec, ctx.v), solver)
+    system = LinearSystem(matvec, matvec if symmetric else transpose(matvec, ctx.v), solver, ctx.shared)
     with torch.set_grad_enabled(ctx.create_graph):
         u, solve_info = system.solve(ctx.v)
     pushed = grads(

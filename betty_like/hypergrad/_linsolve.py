@@ -482,20 +482,29 @@ def dense(matvec: MatVec, b: Params) -> tuple[Params, SolveInfo]:
     }, info
 
 
+def _same(params: Params) -> Params:
+    return params
+
+
 @dataclass(frozen=True)
 class LinearSystem:
     """``A x = b`` with ``A`` given by products: ``matvec(u, create_graph)`` and its transpose ``rmatvec``.
 
     ``create_graph=True`` asks for a product that is itself differentiable (in ``u`` and in what
-    ``A`` depends on); the solver's own iterations never ask for it.
+    ``A`` depends on); the solver's own iterations never ask for it. ``shared`` turns a cotangent that
+    reaches the solve in a backward pass into the adjoint system's right-hand side: itself in one
+    process; under data parallel, where ``A``'s products are sums over ranks and each rank's cotangent
+    is its own part, their mean over ranks (every rank then solves the same system, and the parts it
+    passes on still sum to the whole).
     """
 
     matvec: GraphMatVec
     rmatvec: GraphMatVec
     solver: Solver
+    shared: Callable[[Params], Params] = _same
 
     def transposed(self) -> LinearSystem:
-        return LinearSystem(self.rmatvec, self.matvec, self.solver)
+        return LinearSystem(self.rmatvec, self.matvec, self.solver, self.shared)
 
     def solve(self, b: Params) -> tuple[Params, SolveInfo]:
         """``A^-1 b``; under grad mode differentiable in ``b`` and in ``A``'s dependencies.
@@ -532,7 +541,7 @@ class _AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *cotangents: torch.Tensor):
-        g = {k: c for k, c in zip(ctx.keys, cotangents, strict=True)}
+        g = ctx.system.shared({k: c for k, c in zip(ctx.keys, cotangents, strict=True)})
         solution, _ = ctx.system.transposed().solve(g)  # differentiable again when this backward is
         return (None, None, *(solution[k] for k in ctx.keys))
 

@@ -23,6 +23,7 @@ composes to any depth. ``nested="partial"`` holds the lower solutions fixed inst
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,6 +41,20 @@ from ._tree import Params, grads
 if TYPE_CHECKING:
     from ..graph import Graph
     from ..optim import FunctionalOptimizer
+
+log = logging.getLogger("betty_like")
+
+_MATH_ATTENTION = (
+    "hypergradients and unrolled steps run scaled_dot_product_attention with its math kernel (the fused kernels "
+    "have no double backward or forward-mode derivative); plain first-order steps keep the fused kernels"
+)
+_said: set[str] = set()  # what this process has said once
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.info(message)
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,7 @@ class Level:
             parameters ``w``, everything else at ``others`` (``compile_hypergrad``); it returns ``None``
             where they cannot be used. ``None``: eager products only.
         curvature: its kept largest-eigenvalue estimate for Neumann solves (``None``: none kept).
+        shared: a cotangent reaching one of its linear solves, as the adjoint right-hand side (mean over ranks).
     """
 
     name: str
@@ -75,6 +91,7 @@ class Level:
     matvec_wrap: Callable[[MatVec], MatVec] = _identity
     hvp: Callable[[Params, Params], MatVec | None] | None = None
     curvature: CurvatureEstimate | None = None
+    shared: Callable[[Params], Params] = _identity
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,7 @@ def hypergradient(
     (unrolled steps), so ``scaled_dot_product_attention`` runs its math kernel: the fused kernels
     have no double backward. A plain first-order step keeps the fused ones.
     """
+    _say_once(_MATH_ATTENTION)
     with sdpa_kernel([SDPBackend.MATH]):
         return _total_derivative(program, root, values, create_graph, detach_context)
 
@@ -260,9 +278,11 @@ class _Responder:
                 matvec_wrap=level.matvec_wrap,
                 compiled_hvp=compiled,
                 curvature=level.curvature,
+                shared=level.shared,
             )
-            pushed, info = level.push_wrap(level.method.push)(context)
-        self.record.add(info)
+            pushed, info = level.push_wrap(_unless_zero(level.method.push))(context)
+        if info is not None:
+            self.record.add(info)
         return [pushed[k] if create_graph else pushed[k].detach() for k in self.input_keys]
 
 
@@ -287,8 +307,22 @@ class _BestResponse(torch.autograd.Function):
             k: torch.zeros_like(o) if c is None else c
             for k, o, c in zip(responder.output_keys, outputs, cotangents, strict=True)
         }
-        if not torch.is_grad_enabled() and not any(bool(t.any()) for t in v.values()):
-            # nothing to push (a zero here is not a shortcut when building a graph: it may be differentiated in v)
-            return (None, *(torch.zeros_like(t) for t in inputs), *(None for _ in outputs))
         pushed = responder.push(v, inputs, outputs)
         return (None, *pushed, *(None for _ in outputs))
+
+
+def _unless_zero(push: Callable) -> Callable:
+    """``push``, skipped when it is handed an all-zero vector (its push is zero) and builds no graph.
+
+    A zero is no shortcut when building a graph: the push may be differentiated in ``v``. The test is
+    made on the vector the method receives, inside the push wrappers: under data parallel that is
+    already the sum over ranks, so every rank takes the same branch (a rank skipping alone would leave
+    the others waiting in the solve's collectives). One host sync for all tensors.
+    """
+
+    def pushed(ctx: HypergradContext) -> tuple[Params, HypergradInfo | None]:
+        if not ctx.create_graph and not bool(torch.stack([t.any() for t in ctx.v.values()]).any()):
+            return {k: torch.zeros_like(t) for k, t in ctx.x.items()}, None
+        return push(ctx)
+
+    return pushed
