@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._linsolve import MatVec, SolveInfo
 from ._tree import Params
@@ -37,6 +37,11 @@ class HypergradContext:
         create_graph: the push itself is differentiated further (a deeper level's stationarity).
         matvec_wrap: applied to every Hessian-vector product map: the place for precision and
             cross-process reduction.
+        outputs: ``(w, x) -> (outputs, loss_fn)``, the objective split into the model's outputs and a
+            loss of them (the problem's ``output_loss``), for Gauss-Newton curvature and KFAC; ``None``
+            when the problem does not define the split.
+        module: the lower problem's module (KFAC finds its Linear and Conv2d layers there).
+        memo: a dict the lower problem keeps across steps for what a method reuses (KFAC factors).
     """
 
     owner: str
@@ -48,6 +53,9 @@ class HypergradContext:
     optimizer: FunctionalOptimizer
     create_graph: bool = False
     matvec_wrap: Callable[[MatVec], MatVec] = field(default=_identity)
+    outputs: Callable[[Params, Params], tuple[Tensor, Callable[[Tensor], Tensor]]] | None = None
+    module: nn.Module | None = None
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

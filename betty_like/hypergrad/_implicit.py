@@ -40,9 +40,18 @@ def _damped(matvec: GraphMatVec, damping: float) -> GraphMatVec:
 
 
 def root_push(
-    ctx: HypergradContext, residual: Residual, solver: Solver, method: str, symmetric: bool
+    ctx: HypergradContext,
+    residual: Residual,
+    solver: Solver,
+    method: str,
+    symmetric: bool,
+    jacobian: GraphMatVec | None = None,
 ) -> tuple[Params, HypergradInfo]:
-    """``v^T dw*/dx`` for ``w*`` defined by ``residual(w*, x) = 0``."""
+    """``v^T dw*/dx`` for ``w*`` defined by ``residual(w*, x) = 0``.
+
+    ``jacobian`` replaces the products ``u -> (dr/dw)^T u`` of the linear system (Gauss-Newton
+    curvature in place of the Hessian); the push through ``dr/dx`` is always the residual's own.
+    """
     r = residual(ctx.w, ctx.x)
     keys = list(r)
     outputs = [r[k] for k in keys]
@@ -50,8 +59,10 @@ def root_push(
     def vjp_w(u: Params, create_graph: bool) -> Params:
         return grads(outputs, ctx.w, grad_outputs=[u[k] for k in keys], retain_graph=True, create_graph=create_graph)
 
+    chosen = vjp_w if jacobian is None else jacobian
+
     def product(u: Params, create_graph: bool) -> Params:  # precision and cross-process sums wrap the product itself
-        return ctx.matvec_wrap(partial(vjp_w, create_graph=create_graph))(u)
+        return ctx.matvec_wrap(partial(chosen, create_graph=create_graph))(u)
 
     matvec = _damped(product, ctx.config.damping)
 

@@ -54,6 +54,7 @@ class SolveInfo:
     negative_curvature: bool = False
     outcome: str = "out_of_iterations"
     alpha: float | None = None  # the Neumann step actually used (estimated when not configured)
+    products: int = 0  # operator products (Hessian-vector products) the solve used, estimates included
 
     @property
     def residual(self) -> float:
@@ -78,9 +79,20 @@ class SolveInfo:
         best = min(history) if history and all(math.isfinite(r) for r in history) else float("nan")
         step = "" if self.alpha is None else f", alpha {self.alpha:.4g}"
         return (
-            f"{self.solver} {self.outcome} after {self.iterations} iterations{step}; relative residuals "
+            f"{self.solver} {self.outcome} after {self.iterations} iterations ({self.products} products){step}; "
+            "relative residuals "
             f"[{text}] (best {best:.3g})"
         )
+
+
+def counted(matvec: MatVec, info: SolveInfo) -> MatVec:
+    """``matvec`` that adds one to ``info.products`` per call: the cost every solver reports."""
+
+    def product(u: Params) -> Params:
+        info.products += 1
+        return matvec(u)
+
+    return product
 
 
 def _bad_input(b_norm: Tensor, info: SolveInfo) -> bool:
@@ -122,26 +134,44 @@ def _final(residuals: list[float]) -> str:
 
 
 def conjugate_gradient(
-    matvec: MatVec, b: Params, *, iterations: int, tol: float, indefinite: str = "minres"
+    matvec: MatVec,
+    b: Params,
+    *,
+    iterations: int,
+    tol: float,
+    indefinite: str = "minres",
+    preconditioner: MatVec | None = None,
 ) -> tuple[Params, SolveInfo]:
-    """Solve ``A x = b`` for symmetric ``A`` by conjugate gradient.
+    """Solve ``A x = b`` for symmetric ``A`` by (preconditioned) conjugate gradient.
 
     CG needs ``A`` positive definite. When it meets a direction of non-positive curvature, its
     iterate is no approximation of the answer (on a saddle it can be exactly zero, or of the wrong
     sign), so it is never returned: with ``indefinite="minres"`` the solve starts again with MINRES,
     valid for any symmetric nonsingular ``A``, on the remaining budget (at least half of
     ``iterations``); with ``indefinite="fail"`` it reports ``negative_curvature`` and returns zeros.
+
+    A ``preconditioner`` ``P ~ A^-1`` (symmetric positive definite) gives PCG started from ``P b``:
+    with ``iterations=0`` the answer is ``P b`` itself (no product with ``A`` at all), and every
+    iteration improves on it. Its residual is the true one, ``||b - A x|| / ||b||``.
     """
-    info = SolveInfo("cg")
-    x = zeros_like(b)
-    r = dict(b)
-    p = dict(b)
-    rs = dot(r, r)
-    b_norm = rs.sqrt()
+    info = SolveInfo("cg" if preconditioner is None else "pcg")
+    matvec = counted(matvec, info)
+    b_norm = norm(b)
     if _bad_input(b_norm, info):
         return dict(b), info
     if float(b_norm) == 0.0:
-        return x, info.finish("converged")
+        return zeros_like(b), info.finish("converged")
+    if preconditioner is None:
+        x, r = zeros_like(b), dict(b)
+        z = r
+    else:
+        x = preconditioner(b)
+        if iterations == 0:
+            return x, info.finish("out_of_iterations")
+        r = axpy(-1.0, matvec(x), b)
+        z = preconditioner(r)
+    p = dict(z)
+    rz = dot(r, z)
     for _ in range(iterations):
         ap = matvec(p)
         curvature = float(dot(p, ap))
@@ -149,27 +179,35 @@ def conjugate_gradient(
             info.residuals.append(float("nan"))
             return _unknown(b), info.finish("non_finite")
         if curvature <= 0.0:
-            info.negative_curvature = True
-            if indefinite != "minres":
-                return zeros_like(b), info.finish("negative_curvature")
-            budget = max(iterations - info.iterations, (iterations + 1) // 2)
-            x, rest = minres(matvec, b, iterations=budget, tol=tol)
-            info.solver = "cg+minres"
-            info.iterations += rest.iterations
-            info.residuals.extend(rest.residuals)
-            return x, info.finish(rest.outcome)
-        step = rs / curvature
+            return _indefinite(matvec, b, iterations, tol, indefinite, info)
+        step = rz / curvature
         x = axpy(step, p, x)
         r = axpy(-step, ap, r)
-        rs_next = dot(r, r)
+        z = r if preconditioner is None else preconditioner(r)
+        rz_next = dot(r, z)
         info.iterations += 1
-        info.residuals.append(float(rs_next.sqrt() / b_norm))
+        info.residuals.append(float(norm(r) / b_norm))
         verdict = _verdict(info.residuals, tol)
         if verdict is not None and verdict != "diverged":  # CG's residual may rise on its way down
             return (_unknown(b) if verdict == "non_finite" else x), info.finish(verdict)
-        p = axpy(rs_next / rs, p, r)
-        rs = rs_next
+        p = axpy(rz_next / rz, p, z)
+        rz = rz_next
     return x, info.finish("out_of_iterations")
+
+
+def _indefinite(
+    matvec: MatVec, b: Params, iterations: int, tol: float, indefinite: str, info: SolveInfo
+) -> tuple[Params, SolveInfo]:
+    """CG met non-positive curvature: MINRES on the remaining budget, or a reported failure."""
+    info.negative_curvature = True
+    if indefinite != "minres":
+        return zeros_like(b), info.finish("negative_curvature")
+    budget = max(iterations - info.iterations, (iterations + 1) // 2)
+    x, rest = minres(matvec, b, iterations=budget, tol=tol)  # matvec already counts into info
+    info.solver += "+minres"
+    info.iterations += rest.iterations
+    info.residuals.extend(rest.residuals)
+    return x, info.finish(rest.outcome)
 
 
 def minres(matvec: MatVec, b: Params, *, iterations: int, tol: float) -> tuple[Params, SolveInfo]:
@@ -180,6 +218,7 @@ def minres(matvec: MatVec, b: Params, *, iterations: int, tol: float) -> tuple[P
     The residual is the recurrence's estimate (exact in exact arithmetic).
     """
     info = SolveInfo("minres")
+    matvec = counted(matvec, info)
     x = zeros_like(b)
     b_norm = norm(b)
     if _bad_input(b_norm, info):
@@ -247,6 +286,7 @@ def neumann(
     grows is reported as ``diverged`` and the partial sum is not returned as an answer.
     """
     info = SolveInfo("neumann")
+    matvec = counted(matvec, info)
     b_norm = norm(b)
     if _bad_input(b_norm, info):
         return dict(b), info
@@ -279,6 +319,7 @@ def neumann(
 def dense(matvec: MatVec, b: Params) -> tuple[Params, SolveInfo]:
     """Materialise ``A`` column by column and solve in float64: the exact reference for small problems."""
     info = SolveInfo("dense")
+    matvec = counted(matvec, info)
     names = list(b)
     shapes = [b[n].shape for n in names]
     sizes = [b[n].numel() for n in names]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from ._context import HypergradContext, HypergradInfo
+from ._curvature import curvature
 from ._implicit import default_tolerance, gradient_residual, root_push
 from ._linsolve import conjugate_gradient
 from ._method import Method
@@ -14,7 +15,7 @@ from ._tree import Params
 def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
     """``-d/dx <grad_w f, H^-1 v>``; needs ``H + damping * I`` positive definite."""
     solve = partial(conjugate_gradient, iterations=ctx.config.iterations, tol=default_tolerance(ctx))
-    return root_push(ctx, gradient_residual(ctx), solve, "cg", symmetric=True)
+    return root_push(ctx, gradient_residual(ctx), solve, "cg", symmetric=True, jacobian=curvature(ctx))
 
 
 METHOD = Method(
@@ -22,4 +23,5 @@ METHOD = Method(
     "implicit differentiation, H^-1 v by conjugate gradient on Hessian-vector products",
     push,
     exact=True,
+    curvature=True,
 )

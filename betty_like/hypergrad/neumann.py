@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from ._context import HypergradContext, HypergradInfo
+from ._curvature import curvature
 from ._implicit import default_tolerance, gradient_residual, root_push
 from ._linsolve import neumann
 from ._method import Method
@@ -20,7 +21,7 @@ def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
     ``2 / L`` makes the series diverge.
     """
     solve = partial(neumann, iterations=ctx.config.iterations, tol=default_tolerance(ctx), alpha=ctx.config.alpha)
-    return root_push(ctx, gradient_residual(ctx), solve, "neumann", symmetric=True)
+    return root_push(ctx, gradient_residual(ctx), solve, "neumann", symmetric=True, jacobian=curvature(ctx))
 
 
 METHOD = Method(
@@ -28,4 +29,5 @@ METHOD = Method(
     "implicit differentiation, H^-1 v by a Neumann series with step alpha",
     push,
     exact=True,
+    curvature=True,
 )

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._context import HypergradContext, HypergradInfo, _identity
@@ -57,6 +57,10 @@ class Level:
             parameters its steps read.
         push_wrap: applied to its method's push (precision scope, cross-process reduction of the pushed vectors).
         matvec_wrap: applied to every Hessian-vector product of its pushes (precision, reduction).
+        outputs: its ``output_loss`` at the complete mapping given, ``(outputs, loss_fn)`` (``None``:
+            not defined); Gauss-Newton curvature and KFAC need it.
+        module: its module (KFAC reads its layers).
+        memo: what its methods keep across steps (KFAC factors), owned by the engine.
     """
 
     name: str
@@ -68,6 +72,9 @@ class Level:
     window: bool = False
     push_wrap: Callable[[Callable], Callable] = _identity
     matvec_wrap: Callable[[MatVec], MatVec] = _identity
+    outputs: Callable[[Params], tuple[Tensor, Callable[[Tensor], Tensor]]] | None = None
+    module: nn.Module | None = None
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -167,7 +174,8 @@ class _Record:
             message = (
                 f"problem {info.problem!r}: its Hessian is indefinite here (cg met non-positive curvature); the "
                 "solve continued with MINRES, valid for a symmetric indefinite system. If its loss should be "
-                "convex near its solution, train it further or set ProblemConfig(damping=...)"
+                "convex near its solution, train it further, set ProblemConfig(damping=...), or use "
+                "ProblemConfig(curvature='gauss_newton'), whose products are positive semi-definite"
             )
             if message not in self.warnings:
                 self.warnings.append(message)
@@ -219,14 +227,22 @@ class _Responder:
         outputs = _BestResponse.apply(self, *self.inputs, *current)
         return dict(zip(self.output_keys, outputs, strict=True))
 
-    def objective(self, w: Params, x: Params) -> Tensor:
-        """The level's loss at ``w``, ``x``; with ``nested="total"`` its lowers respond to both."""
+    def values(self, w: Params, x: Params) -> Params:
+        """Every parameter at ``w``, ``x``; with ``nested="total"`` the level's lowers respond to both."""
         given: dict[str, Params] = {self.level.name: w}
         for k, t in x.items():
             given.setdefault(self.owner_of[k], {})[k] = t
         if self.level.config.nested == "total":
             given = _respond(self.program, self.level.name, given, self.base, self.record)
-        return self.level.loss(_merge(self.base, given))
+        return _merge(self.base, given)
+
+    def objective(self, w: Params, x: Params) -> Tensor:
+        """The level's loss at ``w``, ``x``."""
+        return self.level.loss(self.values(w, x))
+
+    def split(self, w: Params, x: Params) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The level's loss at ``w``, ``x`` as ``(outputs, loss_fn)``."""
+        return self.level.outputs(self.values(w, x))
 
     def push(self, v: Params, inputs: list[Tensor], outputs: list[Tensor]) -> list[Tensor]:
         """``v^T dw*/dx`` at the current solution, differentiable when the caller builds a graph."""
@@ -249,6 +265,9 @@ class _Responder:
                 level.optimizer,
                 create_graph=create_graph,
                 matvec_wrap=level.matvec_wrap,
+                outputs=None if level.outputs is None else self.split,
+                module=level.module,
+                memo=level.memo,
             )
             pushed, info = level.push_wrap(level.method.push)(context)
         self.record.add(info)
