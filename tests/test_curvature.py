@@ -282,7 +282,6 @@ def test_kfac_reaches_the_exact_hypergradient_with_fewer_products_than_cg():
         results[method] = (rel(engine.status("upper").gradient["upper.value"], expected), info.products)
     assert results["cg"][0] < 1e-6 and results["kfac"][0] < 1e-6, results
     assert results["kfac"][1] < results["cg"][1] / 2, results
-    print(results)
 
 
 # --------------------------------------------------------------------------- errors and negative curvature
@@ -306,3 +305,64 @@ def test_cg_on_negative_curvature_continues_with_minres_and_says_so(caplog):
     assert rel(engine.status("upper").gradient["upper.value"], expected) < 1e-6
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert "indefinite" in logged and "MINRES" in logged and "curvature='gauss_newton'" in logged
+
+
+class Gain(nn.Module):
+    """An elementwise gain: a parameter no Kronecker block covers."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 2.0, size, dtype=DT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+def test_kfac_keeps_parameters_outside_its_layers_and_still_converges_exactly():
+    """A preconditioner that dropped the gain would leave PCG unable to move it: the exact answer proves it is kept."""
+    train, valid = digits_like(12, 4, 3, 1), digits_like(5, 4, 3, 2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), Gain(5), nn.Linear(5, 3)).to(DT)
+    expected = reference(model, train, valid, damping=0.05)
+    engine = bilevel(model, train, valid, hypergrad="kfac", damping=0.05, iterations=500, tol=1e-12)
+    engine.run()
+    info = engine.status("upper").diagnostics["lower"].solve
+    assert info.outcome == "converged"
+    assert rel(engine.status("upper").gradient["upper.value"], expected) < 1e-8
+
+
+def test_kfac_factors_are_refreshed_every_kfac_refresh_solves():
+    """Pure KFAC shows its factors: with kfac_refresh=2 the second step reuses the first step's, the third refreshes."""
+    train, valid = digits_like(6, 4, 3, 1), digits_like(5, 4, 3, 2)
+    gradients = {}
+    for refresh in (1, 2):
+        lam = Parameter(torch.zeros(6, dtype=DT))
+        model = softmax_regression(0)
+        lower = WeightedFit(
+            "lower", module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), data=[train],
+            config=ProblemConfig(hypergrad="kfac", iterations=0, damping=0.1, kfac_refresh=refresh),
+        )
+        upper = Validation("upper", module=lam, optimizer=torch.optim.SGD(lam.parameters(), lr=0.0), data=[valid])
+        engine = Engine([upper, lower], {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}, EngineConfig(train_iters=3))
+        gradients[refresh] = []
+        for _ in range(3):
+            engine.run(iterations=1)
+            gradients[refresh].append(engine.status("upper").gradient["upper.value"].detach().clone())
+    fresh, stale = gradients[1], gradients[2]
+    assert rel(stale[0], fresh[0]) < 1e-14 and rel(stale[2], fresh[2]) < 1e-14
+    assert rel(stale[1], fresh[1]) > 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"curvature": "gn"}, r"curvature='gn' is invalid: choose one of \['hessian', 'gauss_newton'\]"),
+        ({"hypergrad": "darts", "curvature": "gauss_newton"}, r"curvature='gauss_newton' is invalid: it applies to the implicit"),
+        ({"hypergrad": "cg", "iterations": 0}, r"iterations=0 is invalid: .*only with hypergrad='kfac'"),
+        ({"hypergrad": "kfac", "kfac_refresh": 0}, r"kfac_refresh=0 is invalid: use an integer >= 1"),
+        ({"hypergrad": "kfac", "kfac_damping": -1.0}, r"kfac_damping=-1.0 is invalid: use a finite positive number"),
+    ],
+)
+def test_curvature_and_kfac_settings_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ProblemConfig(**kwargs)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from ._context import HypergradContext, HypergradInfo
 from ._curvature import curvature, split_objective
 from ._implicit import default_tolerance, gradient_residual, root_push
-from ._kfac import KroneckerPreconditioner, blocks_of, build_preconditioner, kronecker_factors, rayleigh_scale
+from ._kfac import KroneckerPreconditioner, blocks_of, build_preconditioner, layer_rows, rayleigh_scale
 from ._linsolve import MatVec, SolveInfo, conjugate_gradient
 from ._method import Method
 from ._tree import Params
@@ -34,7 +34,7 @@ def _preconditioner(ctx: HypergradContext, matvec: MatVec, b: Params) -> tuple[K
     if ctx.module is None:
         raise ValueError(f"problem {ctx.owner!r} uses hypergrad='kfac' but has no module to find layers in")
     blocks = blocks_of(ctx.module, ctx.owner, ctx.w)
-    factors = kronecker_factors(lambda: split_objective(ctx), blocks)
+    rows = layer_rows(lambda: split_objective(ctx), blocks)
     products = []
 
     def others(covered: set) -> float:
@@ -43,7 +43,7 @@ def _preconditioner(ctx: HypergradContext, matvec: MatVec, b: Params) -> tuple[K
         products.append(1)
         return rayleigh_scale(matvec, b, covered)
 
-    preconditioner = build_preconditioner(blocks, factors, ctx.config.damping, ctx.config.kfac_damping, others)
+    preconditioner = build_preconditioner(blocks, rows, ctx.config.damping, ctx.config.kfac_damping, others)
     ctx.memo["kfac"] = (preconditioner, 1)
     return preconditioner, len(products)
 
