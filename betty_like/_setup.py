@@ -36,7 +36,8 @@ class Setup:
         period: steps of one unrolled window: its ``unroll_steps`` times its slowest reader's ``step_every``.
         stream: its batches.
         config: a copy of its config as the engine was built with it (changing it later is refused).
-        curvature: its kept largest-Hessian-eigenvalue estimate for Neumann solves through it.
+        eigenvalue: its kept largest-Hessian-eigenvalue estimate for Neumann solves through it.
+        memo: what its hypergradient method keeps across steps (KFAC factors); not checkpointed.
     """
 
     problem: Problem
@@ -47,7 +48,8 @@ class Setup:
     period: int
     stream: BatchStream
     config: ProblemConfig
-    curvature: CurvatureEstimate = field(default_factory=CurvatureEstimate)
+    eigenvalue: CurvatureEstimate = field(default_factory=CurvatureEstimate)
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 def set_up_all(
@@ -215,6 +217,14 @@ def _check_method(p: Problem, method: Method, graph: Graph, problems: dict[str, 
             f"problem {p.name!r} uses hypergrad={method.name!r}, which supports the optimizers "
             f"{[c.__name__ for c in method.optimizers]}, but its optimizer is {type(p.optimizer).__name__}: "
             "use one of them, or hypergrad='darts'"
+        )
+    if (method.needs_outputs or p.config.curvature == "gauss_newton") and type(p).output_loss is Problem.output_loss:
+        what = "hypergrad='kfac'" if method.needs_outputs else "curvature='gauss_newton'"
+        raise ValueError(
+            f"problem {p.name!r} uses {what}, which needs its loss split into model outputs and a loss of those "
+            f"outputs, but {type(p).__name__} defines no output_loss(self, batch): return (outputs, loss_fn) with "
+            "loss_fn(outputs) == training_step(batch), e.g. (logits, lambda z: F.cross_entropy(z, y)); "
+            "or use curvature='hessian' with hypergrad='cg'"
         )
     if method.second_order:  # the method's own flag, read with the layers' FirstOrderOnly capability
         first_order_only = first_order_only_layers(p.module)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import Tensor
-
 from .graph import Graph
 from .hypergrad import Level, Program
 from .optim import Params
+from .problem import Problem
 
 
 def snapshot(
@@ -17,7 +16,7 @@ def snapshot(
     setups: Mapping[str, Any],
     open_windows: set[str],
     current: Params,
-    loss_of: Callable[[str], Callable[[Params], Tensor]],
+    loss_of: Callable[..., Callable[[Params], Any]],
     wraps_of: Callable[[str], tuple[Callable, Callable, Callable]],
     copies: bool,
     hvps: Mapping[str, Any] | None = None,
@@ -26,9 +25,10 @@ def snapshot(
 
     With ``copies`` the leaves of problems without an open window enter as copies (still
     differentiable to the leaves): a graph kept by an unrolled step then survives their in-place
-    optimizer steps. ``loss_of(name)`` is the problem's loss as the traversal calls it; ``wraps_of``
-    its push and matvec wrappers and its solves' ``shared`` (precision, data parallel); ``hvps`` the
-    problems' compiled Hessian-vector products (``compile_hypergrad``).
+    optimizer steps. ``loss_of(name)`` is the problem's loss as the traversal calls it (``loss_of(name,
+    split=True)``: its ``output_loss``, given to problems that define one); ``wraps_of`` its push and
+    matvec wrappers and its solves' ``shared`` (precision, data parallel); ``hvps`` the problems'
+    compiled Hessian-vector products (``compile_hypergrad``).
     """
     levels = {}
     for name, setup in setups.items():
@@ -37,10 +37,12 @@ def snapshot(
             setup.functional.reload_state()  # the user's optimizer may have stepped since
         params = {k: current[k].clone() if copies and not windowed else current[k] for k in setup.leaves}
         push_wrap, matvec_wrap, shared = wraps_of(name)
-        config = setup.problem.config
+        problem = setup.problem
+        outputs = loss_of(name, split=True) if type(problem).output_loss is not Problem.output_loss else None
         hvp = hvps[name].at if hvps and name in hvps else None
         levels[name] = Level(
-            name, params, loss_of(name), setup.method, config, setup.functional, windowed, push_wrap, matvec_wrap,
-            hvp=hvp, curvature=setup.curvature, shared=shared,
+            name, params, loss_of(name), setup.method, problem.config, setup.functional, windowed, push_wrap,
+            matvec_wrap, hvp=hvp, eigenvalue=setup.eigenvalue, shared=shared, outputs=outputs, module=problem.module,
+            memo=setup.memo,
         )
     return Program(graph, levels)

@@ -54,7 +54,7 @@ def unrolled_hypergradient(engine: Engine, upper: str, steps: int) -> tuple[Para
         values.update(weights)
         infos[name] = HypergradInfo(name, "unroll", _record(torch.stack(lengths).tolist(), weights))
     levels = {
-        name: replace(level, params={k: values[k] for k in level.params}, window=name in below, curvature=None)
+        name: replace(level, params={k: values[k] for k in level.params}, window=name in below, eigenvalue=None)
         for name, level in program.levels.items()
     }
     result = hypergradient(Program(program.graph, levels), upper)

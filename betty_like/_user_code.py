@@ -68,3 +68,20 @@ def validation_metrics(
             raise TypeError(f"problem {name!r}: validation_step must return a dict of metrics, got {type(metrics).__name__}")
         results[name] = {k: float(v) for k, v in metrics.items()}
     return results
+
+
+def split_loss(
+    problem: Any, modules: ProblemModules, params: Mapping[str, Tensor], batch: Any, factor: float
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``problem.output_loss(batch)`` at ``params``, its ``loss_fn`` run at ``params`` too and scaled by ``factor``.
+
+    ``loss_fn`` may read other problems (per-example weights from an upper level), so it runs
+    with the same parameters substituted as the outputs were computed with.
+    """
+    outputs, loss_fn = call_user(problem.name, "output_loss", modules, params, problem.output_loss, batch)
+
+    def scaled(z: Tensor) -> Tensor:
+        loss = call_user(problem.name, "output_loss's loss_fn", modules, params, loss_fn, z)
+        return loss * factor if factor != 1.0 else loss
+
+    return outputs, scaled

@@ -117,7 +117,7 @@ def _hypergradient(engine: Engine, upper: str, method: Method | None, overrides:
         fresh = {k: t.detach().requires_grad_(True) for k, t in level.params.items()}
         if name in below:
             level = replace(level, method=method or level.method, config=replace(level.config, **overrides))
-        levels[name] = replace(level, params=fresh, window=False, curvature=None)  # the engine's estimate stays as it was
+        levels[name] = replace(level, params=fresh, window=False, eigenvalue=None)  # the engine's estimate stays as it was
     result = hypergradient(Program(program.graph, levels), upper)
     return {k: v.detach() for k, v in result.gradient.items()}, result.infos
 

@@ -118,7 +118,7 @@ def state_of(engine: Engine) -> dict[str, Any]:
                 "steps": window.steps,
             },
             "drawn": engine._setups[name].stream.drawn,
-            "curvature": [engine._setups[name].curvature.value, engine._setups[name].curvature.solves],
+            "curvature": [engine._setups[name].eigenvalue.value, engine._setups[name].eigenvalue.solves],
         }
     return {
         "format": FORMAT,
@@ -220,7 +220,7 @@ def load(engine: Engine, path: str | os.PathLike) -> None:
             params = {k: v.to(device[k]).requires_grad_(True) for k, v in window["params"].items()}
             states = {k: {s: v.to(device[k]) for s, v in d.items()} for k, d in window["state"].items()}
             engine._windows[name] = Window(params, states, window["steps"])
-        setup.curvature.value, setup.curvature.solves = saved.get("curvature", [None, 0])
+        setup.eigenvalue.value, setup.eigenvalue.solves = saved.get("curvature", [None, 0])
         last = setup.stream.skip(saved["drawn"], state["iteration"])
         if saved["drawn"]:
             engine._batches[name] = last

@@ -22,6 +22,7 @@ SOLVER_FAILURE_POLICIES = ("raise", "warn", "ignore")
 EXECUTIONS = ("eager", "compiled", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 HVP_PRECISIONS = ("fp32", "autocast")
+CURVATURES = ("hessian", "gauss_newton")
 
 
 def _require(condition: bool, owner: str, field: str, value: object, fix: str) -> None:
@@ -53,8 +54,10 @@ class ProblemConfig:
             (unroll with the Hessian terms in this problem's own parameters dropped), ``darts``
             (finite differences, inverse Hessian replaced by the learning rate), ``neumann`` / ``cg`` (implicit
             differentiation, inverse-Hessian-vector product by a Neumann series / conjugate
-            gradient), ``fixed_point`` (implicit differentiation of the optimizer's update map) or
-            ``sama`` (darts with the optimizer's adaptation: Adam's moments, the learning rate for SGD).
+            gradient), ``kfac`` (conjugate gradient preconditioned with KFAC factors of the Linear and
+            Conv2d layers; needs ``Problem.output_loss``), ``fixed_point`` (implicit differentiation of
+            the optimizer's update map) or ``sama`` (darts with the optimizer's adaptation: Adam's
+            moments, the learning rate for SGD).
         unroll_steps: steps this problem takes before the problems that read its solution step.
         truncate: keep only the last ``truncate`` of the unrolled steps in the graph (``None`` = all).
         unroll_memory: what an unrolled step keeps for the backward pass: ``"graph"`` (its whole graph),
@@ -66,7 +69,17 @@ class ProblemConfig:
         unroll_checkpoint_every: with ``"remat"`` or ``"mixed"``, only every this-many-th unrolled step
             keeps its inputs; the others are recomputed from it in the backward pass (about
             ``K / c + c`` kept steps instead of ``K``, for one more forward per step). ``None``: every step.
-        iterations: maximum iterations of the linear solver (neumann, cg, fixed_point).
+        iterations: maximum iterations of the linear solver (neumann, cg, fixed_point, kfac); ``0`` is
+            allowed for ``kfac`` only, and means pure KFAC (the preconditioner applied once).
+        curvature: the matrix of the implicit methods' linear system (neumann, cg, fixed_point,
+            kfac): ``"hessian"`` (exact, default) or ``"gauss_newton"`` (``J^T H_out J``, positive
+            semi-definite for a convex output loss, so CG meets no negative curvature; approximate
+            where the loss's gradient in the outputs is not zero). Needs ``Problem.output_loss``.
+        kfac_damping: ``λ`` of each Kronecker block's inverse ``(A ⊗ G + λ I)^-1`` in ``kfac``;
+            ``None``: ``damping`` plus 1e-3 times the block's mean eigenvalue. Only the preconditioner
+            changes, never the solve's answer (except at ``iterations=0``, pure KFAC).
+        kfac_refresh: ``kfac`` recomputes its factors after this many solves (one per upper step in
+            a bilevel program); stale factors slow the solve, never change its answer.
         alpha: Neumann step size; ``None`` uses the problem's learning rate.
         tol: relative residual at which the solver stops; ``None`` picks a tolerance suited to the
             parameter dtype (1e-12 for float64, 1e-6 for float32, 1e-3 for half types).
@@ -146,6 +159,9 @@ class ProblemConfig:
     hvp_precision: str = "fp32"
     compile_hypergrad: bool | str = False
     solver_check_every: int | None = None
+    curvature: str = "hessian"
+    kfac_refresh: int = 1
+    kfac_damping: float | None = None
 
     def __post_init__(self) -> None:
         owner = "ProblemConfig"
@@ -161,11 +177,25 @@ class ProblemConfig:
             ("darts_scale", DARTS_SCALES),
             ("unroll_memory", UNROLL_MEMORY),
             ("hvp_precision", HVP_PRECISIONS),
+            ("curvature", CURVATURES),
         ):
             value = getattr(self, name)
             _require(value in choices, owner, name, value, f"choose one of {list(choices)}")
-        for name in ("unroll_steps", "iterations", "step_every"):
+        for name in ("unroll_steps", "step_every", "kfac_refresh"):
             _positive_int(owner, name, getattr(self, name))
+        pure_kfac = self.hypergrad == "kfac" and self.iterations == 0
+        _require(
+            pure_kfac or (isinstance(self.iterations, int) and not isinstance(self.iterations, bool) and self.iterations >= 1),
+            owner, "iterations", self.iterations, "use an integer >= 1 (0, pure KFAC, only with hypergrad='kfac')",
+        )
+        _require(
+            self.curvature == "hessian" or METHODS[self.hypergrad].curvature,
+            owner,
+            "curvature",
+            self.curvature,
+            f"it applies to the implicit methods {[m for m in METHODS if METHODS[m].curvature]}, not to "
+            f"hypergrad={self.hypergrad!r}: choose one of them or curvature='hessian'",
+        )
         if self.truncate is not None:
             _positive_int(owner, "truncate", self.truncate)
         if self.unroll_checkpoint_every is not None:
@@ -184,6 +214,7 @@ class ProblemConfig:
         _optional_positive(owner, "alpha", self.alpha)
         _optional_positive(owner, "tol", self.tol)
         _optional_positive(owner, "grad_clip", self.grad_clip)
+        _optional_positive(owner, "kfac_damping", self.kfac_damping)
         _require(
             _finite_number(self.fd_epsilon) and self.fd_epsilon > 0,
             owner,

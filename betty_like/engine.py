@@ -35,7 +35,7 @@ from ._guards import WarnOnce, Where, guard, loss_value
 from ._run_state import ProblemStatus, Record, Schedule, Window, random_states, restore_random_states, seeded
 from ._setup import check_problems, check_unchanged, set_up_all
 from ._snapshot import snapshot
-from ._user_code import call_user, checked_loss, validation_metrics
+from ._user_code import call_user, checked_loss, split_loss, validation_metrics
 from .callbacks import Callback, Callbacks
 from .checkpoint import checkpoint_policies
 from .config import EngineConfig
@@ -148,7 +148,7 @@ class Engine:
         open_windows = {n for n, w in self._windows.items() if w is not None}
         return snapshot(
             self.graph, self._setups, open_windows, self.current_params(),
-            lambda n: partial(self._bound_loss, n, scale if n == scaled else 1.0, batch=batch(n)),
+            lambda n, split=False: partial(self._bound_loss, n, scale if n == scaled else 1.0, batch=batch(n), split=split),
             lambda n: (self._dist.push_wrap(self._precision.push_wrap(self._setups[n].problem.config)),
                        self._dist.matvec_wrap(self._precision.matvec_wrap()), self._dist.mean),
             copies, self._hvps,
@@ -373,20 +373,20 @@ class Engine:
             self._windows[name] = Window.opened(setup.leaves, setup.functional)
         return self._windows[name]
 
-    def _bound_loss(self, name: str, loss_scale: float, values: Params, batch: Any = None) -> Tensor:
-        """``name``'s loss on ``batch`` (default: its current one, drawn now if it has none) at ``values``, times ``loss_scale``."""
+    def _bound_loss(self, name: str, loss_scale: float, values: Params, batch: Any = None, split: bool = False) -> Any:
+        """``name``'s loss on ``batch`` (default: its current one, drawn now if none) at ``values``, scaled; ``split``: its output_loss."""
         if batch is None and name not in self._batches:
             self._batches[name] = self._setups[name].stream.next(self.iteration + 1)
-        loss = self._evaluations.call(name, partial(self._loss, name, self._batches[name] if batch is None else batch, values))
-        return loss * loss_scale if loss_scale != 1.0 else loss
+        batch, factor = self._batches[name] if batch is None else batch, loss_scale * self._setups[name].stream.share  # share: this rank's part
+        call = partial(split_loss, self.problems[name], self._modules, values, batch, factor) if split else partial(self._loss, name, batch, values)
+        loss = self._evaluations.call(name, call)
+        return loss if split or factor == 1.0 else loss * factor
 
     def _loss(self, name: str, batch: Any, values: Params | None) -> Tensor:
         step = self.problems[name].training_step
         with self.metrics.evaluating(name) as capturing, self._audit.call(name, values) as audited:
             out = call_user(name, "training_step", self._modules, values, step, batch)
-            loss = audited(checked_loss(name, self.metrics.split(name, out, capturing), self.iteration + 1))
-        share = self._setups[name].stream.share  # this rank's part of the global batch (data parallel)
-        return loss * share if share != 1.0 else loss
+            return audited(checked_loss(name, self.metrics.split(name, out, capturing), self.iteration + 1))
 
     def _loss_value(self, name: str, loss: Tensor) -> float | None:
         """The loss as a float (one host sync, shared with logging), or None if the step is to be skipped."""

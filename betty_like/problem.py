@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import keyword
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,6 +77,25 @@ class Problem(ABC):
     @abstractmethod
     def training_step(self, batch: Any) -> torch.Tensor:
         """Return this problem's scalar loss on ``batch``."""
+
+    def output_loss(self, batch: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Optional: this problem's loss split as ``(outputs, loss_fn)`` with ``loss_fn(outputs) == training_step(batch)``.
+
+        ``outputs`` is the model's output tensor (rows of per-example outputs, the last dimension
+        the entries of a row, e.g. logits); ``loss_fn`` a loss of those outputs alone (per-example
+        weights and labels closed over). Needed where *this* problem's solution is differentiated
+        with ``curvature="gauss_newton"`` or ``hypergrad="kfac"``: Gauss-Newton products need the
+        Hessian of ``loss_fn`` in the outputs, KFAC its square root per row. Example::
+
+            def output_loss(self, batch):
+                x, y = batch
+                w = self.reweight(x, y)
+                return self.module(x), lambda z: (w * F.cross_entropy(z, y, reduction="none")).mean()
+        """
+        raise NotImplementedError(
+            f"problem {self.name!r} defines no output_loss(batch): return (outputs, loss_fn) with "
+            "loss_fn(outputs) == training_step(batch)"
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """What calling the problem runs: its module (inside the engine: with its current parameters).

@@ -21,7 +21,7 @@ def system(scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def solve(matrix: torch.Tensor, b: dict, curvature: CurvatureEstimate | None):
-    x, info = neumann_series(lambda u: {"w": matrix @ u["w"]}, b, iterations=ITERATIONS, tol=TOL, alpha=None, curvature=curvature)
+    x, info = neumann_series(lambda u: {"w": matrix @ u["w"]}, b, iterations=ITERATIONS, tol=TOL, alpha=None, estimate=curvature)
     exact = torch.linalg.solve(matrix, b["w"])
     return float(torch.linalg.vector_norm(x["w"] - exact) / torch.linalg.vector_norm(exact)), info
 

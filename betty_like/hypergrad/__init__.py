@@ -5,7 +5,7 @@ list of them, and ``ProblemConfig.hypergrad`` is checked against it. Two familie
 
 * *unrolled* methods (``unroll``, ``first_order``) take the lower problem's steps differentiably;
   the gradient flows by reverse mode through those steps (:mod:`.unroll`).
-* *pushing* methods (``neumann``, ``cg``, ``fixed_point``, ``darts``, ``sama``) work at the current
+* *pushing* methods (``neumann``, ``cg``, ``kfac``, ``fixed_point``, ``darts``, ``sama``) work at the current
   lower solution: ``push(ctx) -> (v^T dw*/dx, info)``, a pure function of a :class:`HypergradContext`.
 
 :func:`hypergradient` (:mod:`.total_derivative`) is the traversal.
@@ -13,8 +13,10 @@ list of them, and ``ProblemConfig.hypergrad`` is checked against it. Two familie
 
 from __future__ import annotations
 
-from . import cg, darts, first_order, fixed_point, neumann, sama, unroll
+from . import cg, darts, first_order, fixed_point, kfac, neumann, sama, unroll
 from ._context import HypergradContext, HypergradInfo
+from ._curvature import gauss_newton
+from ._kfac import blocks_of, kronecker_factors
 from ._linsolve import CurvatureEstimate, LinearSystem, SolveInfo, conjugate_gradient, dense, minres
 from ._linsolve import neumann as neumann_series
 from ._method import Method
@@ -30,6 +32,7 @@ METHODS: dict[str, Method] = {
         neumann.METHOD,
         cg.METHOD,
         fixed_point.METHOD,
+        kfac.METHOD,
     )
 }
 
@@ -54,9 +57,12 @@ __all__ = [
     "Program",
     "SolveInfo",
     "conjugate_gradient",
+    "blocks_of",
     "dense",
+    "gauss_newton",
     "get_method",
     "hypergradient",
+    "kronecker_factors",
     "minres",
     "neumann_series",
 ]

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._linsolve import CurvatureEstimate, MatVec, SolveInfo
 from ._tree import Params
@@ -40,11 +40,16 @@ class HypergradContext:
         compiled_hvp: ``() -> u -> H_ww u``, the objective's Hessian-vector product captured with
             ``torch.compile`` at ``(w, x)``, or ``None`` (returned, or given) where eager products are used.
             Only a solver's own iterations use it: their products are never differentiated.
-        curvature: the lower problem's kept estimate of its largest Hessian eigenvalue (Neumann's
+        eigenvalue: the lower problem's kept estimate of its largest Hessian eigenvalue (Neumann's
             ``alpha=None``), shared by its solves across steps; ``None``: estimate at every solve.
         shared: a cotangent reaching a linear solve in a backward pass, as the adjoint system's
             right-hand side (the mean over ranks under data parallel; see
             :class:`~._linsolve.LinearSystem`).
+        outputs: ``(w, x) -> (outputs, loss_fn)``, the objective split into the model's outputs and a
+            loss of them (the problem's ``output_loss``), for Gauss-Newton curvature and KFAC; ``None``
+            when the problem does not define the split.
+        module: the lower problem's module (KFAC finds its Linear and Conv2d layers there).
+        memo: a dict the lower problem keeps across steps for what a method reuses (KFAC factors).
     """
 
     owner: str
@@ -57,8 +62,11 @@ class HypergradContext:
     create_graph: bool = False
     matvec_wrap: Callable[[MatVec], MatVec] = field(default=_identity)
     compiled_hvp: Callable[[], MatVec | None] | None = None
-    curvature: CurvatureEstimate | None = None
+    eigenvalue: CurvatureEstimate | None = None
     shared: Callable[[Params], Params] = field(default=_identity)
+    outputs: Callable[[Params, Params], tuple[Tensor, Callable[[Tensor], Tensor]]] | None = None
+    module: nn.Module | None = None
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -51,22 +51,27 @@ def root_push(
     method: str,
     symmetric: bool,
     compiled: Callable[[HypergradContext], MatVec | None] | None = None,
+    jacobian: GraphMatVec | None = None,
 ) -> tuple[Params, HypergradInfo]:
     """``v^T dw*/dx`` for ``w*`` defined by ``residual(w*, x) = 0``.
 
-    ``compiled(ctx)`` may give a faster ``u -> (dr/dw)^T u`` for the solver's iterations (never
+    ``jacobian`` replaces the products ``u -> (dr/dw)^T u`` of the linear system (Gauss-Newton
+    curvature in place of the Hessian); the push through ``dr/dx`` is always the residual's own.
+    Otherwise ``compiled(ctx)`` may give a faster ``(dr/dw)^T u`` for the solver's iterations (never
     differentiated); products that carry a graph always come from the residual's own graph.
     """
     r = residual(ctx.w, ctx.x)
     keys = list(r)
     outputs = [r[k] for k in keys]
-    fast = compiled(ctx) if compiled is not None else None
+    fast = compiled(ctx) if compiled is not None and jacobian is None else None
 
     def vjp_w(u: Params, create_graph: bool) -> Params:
         return grads(outputs, ctx.w, grad_outputs=[u[k] for k in keys], retain_graph=True, create_graph=create_graph)
 
+    chosen = vjp_w if jacobian is None else jacobian
+
     def product(u: Params, create_graph: bool) -> Params:  # precision and cross-process sums wrap the product itself
-        raw = fast if fast is not None and not create_graph else partial(vjp_w, create_graph=create_graph)
+        raw = fast if fast is not None and not create_graph else partial(chosen, create_graph=create_graph)
         return ctx.matvec_wrap(raw)(u)
 
     matvec = _damped(product, ctx.config.damping)

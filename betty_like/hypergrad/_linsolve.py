@@ -81,7 +81,8 @@ class SolveInfo:
         best = min(history) if history and all(math.isfinite(r) for r in history) else float("nan")
         step = "" if self.alpha is None else f", alpha {self.alpha:.4g}" + (" (estimated now)" if self.estimated else "")
         return (
-            f"{self.solver} {self.outcome} after {self.iterations} iterations{step}; relative residuals "
+            f"{self.solver} {self.outcome} after {self.iterations} iterations ({self.products} products){step}; "
+            "relative residuals "
             f"[{text}] (best {best:.3g})"
         )
 
@@ -177,9 +178,16 @@ def _counts_products(solver: Callable[..., tuple[Params, SolveInfo]]) -> Callabl
 
 @_counts_products
 def conjugate_gradient(
-    matvec: MatVec, b: Params, *, iterations: int, tol: float, indefinite: str = "minres", check_every: int = 1
+    matvec: MatVec,
+    b: Params,
+    *,
+    iterations: int,
+    tol: float,
+    indefinite: str = "minres",
+    preconditioner: MatVec | None = None,
+    check_every: int = 1,
 ) -> tuple[Params, SolveInfo]:
-    """Solve ``A x = b`` for symmetric ``A`` by conjugate gradient.
+    """Solve ``A x = b`` for symmetric ``A`` by (preconditioned) conjugate gradient.
 
     CG needs ``A`` positive definite. When it meets a direction of non-positive curvature, its
     iterate is no approximation of the answer (on a saddle it can be exactly zero, or of the wrong
@@ -191,28 +199,40 @@ def conjugate_gradient(
     Between checks the iteration stops itself on the device: once it converges, or meets non-positive
     or non-finite curvature, its later steps leave the iterate unchanged, so the answer and the history
     are those of a check at every iteration.
+
+    A ``preconditioner`` ``P ~ A^-1`` (symmetric positive definite) gives PCG started from ``P b``:
+    with ``iterations=0`` the answer is ``P b`` itself (no product with ``A`` at all), and every
+    iteration improves on it. Its residual is the true one, ``||b - A x|| / ||b||``.
     """
-    info = SolveInfo("cg")
-    x = zeros_like(b)
-    r = dict(b)
-    p = dict(b)
-    rs = dot(r, r)
-    b_norm = rs.sqrt()
+    info = SolveInfo("cg" if preconditioner is None else "pcg")
+    b_norm = norm(b)
     if _bad_input(b_norm, info):
         return dict(b), info
     if float(b_norm) == 0.0:
-        return x, info.finish("converged")
+        return zeros_like(b), info.finish("converged")
+    if preconditioner is None:
+        x, r = zeros_like(b), dict(b)
+        z = r
+    else:
+        x = preconditioner(b)
+        if iterations == 0:
+            return x, info.finish("out_of_iterations")
+        r = axpy(-1.0, matvec(x), b)
+        z = preconditioner(r)
+    p = dict(z)
+    rz = dot(r, z)
     checks = _Checks(check_every, iterations)
     live = torch.ones((), dtype=torch.bool, device=b_norm.device)
     for _ in range(iterations):
         ap = matvec(p)
         curvature = dot(p, ap)
         live = _live(live, curvature > 0, torch.isfinite(curvature))
-        step = torch.where(live, rs / curvature, torch.zeros_like(rs))
+        step = torch.where(live, rz / curvature, torch.zeros_like(rz))
         x = axpy(step, p, x)
         r = axpy(-step, ap, r)
-        rs_next = torch.where(live, dot(r, r), rs)
-        relative = rs_next.sqrt() / b_norm
+        z = r if preconditioner is None else preconditioner(r)
+        rz_next = torch.where(live, dot(r, z), rz)
+        relative = norm(r) / b_norm
         if checks.add(curvature, relative):
             outcome = _cg_outcome(checks.read(), info, tol)
             if outcome == "negative_curvature":
@@ -220,8 +240,8 @@ def conjugate_gradient(
             if outcome is not None:
                 return (_unknown(b) if outcome == "non_finite" else x), info.finish(outcome)
         live = live & (relative > tol)
-        p = axpy(torch.where(live, rs_next / rs, torch.zeros_like(rs)), p, r)
-        rs = rs_next
+        p = axpy(torch.where(live, rz_next / rz, torch.zeros_like(rz)), p, z)
+        rz = rz_next
     return x, info.finish("out_of_iterations")
 
 
@@ -251,7 +271,7 @@ def _continue_indefinite(
         return zeros_like(b), info.finish("negative_curvature")
     budget = max(iterations - info.iterations, (iterations + 1) // 2)
     x, rest = minres(matvec, b, iterations=budget, tol=tol, check_every=check_every)
-    info.solver = "cg+minres"
+    info.solver += "+minres"
     info.iterations += rest.iterations
     info.residuals.extend(rest.residuals)
     return x, info.finish(rest.outcome)
@@ -368,14 +388,14 @@ def neumann(
     iterations: int,
     tol: float,
     alpha: float | None,
-    curvature: CurvatureEstimate | None = None,
+    estimate: CurvatureEstimate | None = None,
     check_every: int = 1,
 ) -> tuple[Params, SolveInfo]:
     """Solve ``A x = b`` by the Neumann series ``x = alpha * sum_j (I - alpha A)^j b``.
 
     Converges when the spectral radius of ``I - alpha A`` is below one (for a Hessian: ``alpha``
     below ``2 / L``). ``alpha=None`` uses ``1 / L``, safe while the estimate of ``L`` is within a
-    factor two of the truth; ``L`` comes from ``curvature`` (kept across solves, see
+    factor two of the truth; ``L`` comes from ``estimate`` (kept across solves, see
     :class:`CurvatureEstimate`) or, without one, from ten power iterations now. The next series term
     equals the current residual, so the residual history costs no extra products; a history that
     grows is reported as ``diverged`` and the partial sum is not returned as an answer.
@@ -384,12 +404,12 @@ def neumann(
     sum stops growing on the device. A divergence is seen at the next check (the failed sum returned
     with it holds the terms up to that check).
     """
-    kept = curvature if curvature is not None else CurvatureEstimate()
+    kept = estimate if estimate is not None else CurvatureEstimate()
     return _neumann(matvec, b, (iterations, tol, check_every), alpha, kept)
 
 
 def _neumann(
-    matvec: MatVec, b: Params, settings: tuple[int, float, int], alpha: float | None, curvature: CurvatureEstimate
+    matvec: MatVec, b: Params, settings: tuple[int, float, int], alpha: float | None, estimate: CurvatureEstimate
 ) -> tuple[Params, SolveInfo]:
     info = SolveInfo("neumann")
     b_norm = norm(b)
@@ -399,18 +419,18 @@ def _neumann(
         return zeros_like(b), info.finish("converged")
     if alpha is not None:
         return _series(matvec, b, b_norm, settings, alpha, info)
-    fresh = curvature.due()
-    largest = curvature.measure(matvec, b) if fresh else curvature.value
-    curvature.solves += 1
+    fresh = estimate.due()
+    largest = estimate.measure(matvec, b) if fresh else estimate.value
+    estimate.solves += 1
     if not math.isfinite(largest):
-        curvature.value = None
+        estimate.value = None
         info.residuals.append(float("nan"))
         return _unknown(b), info.finish("non_finite")
     x, info = _series(matvec, b, b_norm, settings, 1.0 / largest if largest > 0 else 1.0, info)
     info.estimated = fresh
     if info.outcome == "diverged" and not fresh:  # the kept estimate is stale: measure again and repeat
-        curvature.value = None
-        return _neumann(matvec, b, settings, None, curvature)
+        estimate.value = None
+        return _neumann(matvec, b, settings, None, estimate)
     return x, info
 
 

@@ -28,6 +28,9 @@ class Method:
         steps_optimizer: differentiates the user's optimizer update, so it needs a pure step for it.
         optimizers: the optimizer classes it accepts (``None``: any).
         exact: gives the exact hypergradient at a stationary point (up to solver tolerance).
+        curvature: its linear system takes ``ProblemConfig(curvature=...)`` (Hessian or Gauss-Newton).
+        needs_outputs: needs the lower loss split into model outputs and an output loss
+            (``Problem.output_loss``) whatever the curvature.
     """
 
     name: str
@@ -38,6 +41,8 @@ class Method:
     steps_optimizer: bool = False
     optimizers: tuple[type[torch.optim.Optimizer], ...] | None = None
     exact: bool = False
+    curvature: bool = False
+    needs_outputs: bool = False
 
     @property
     def unrolled(self) -> bool:

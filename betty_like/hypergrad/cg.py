@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from ._context import HypergradContext, HypergradInfo
+from ._curvature import curvature
 from ._implicit import check_every, compiled_hessian, default_tolerance, gradient_residual, root_push
 from ._linsolve import conjugate_gradient
 from ._method import Method
@@ -16,7 +17,7 @@ def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
     solve = partial(
         conjugate_gradient, iterations=ctx.config.iterations, tol=default_tolerance(ctx), check_every=check_every(ctx)
     )
-    return root_push(ctx, gradient_residual(ctx), solve, "cg", symmetric=True, compiled=compiled_hessian)
+    return root_push(ctx, gradient_residual(ctx), solve, "cg", symmetric=True, compiled=compiled_hessian, jacobian=curvature(ctx))
 
 
 METHOD = Method(
@@ -24,4 +25,5 @@ METHOD = Method(
     "implicit differentiation, H^-1 v by conjugate gradient on Hessian-vector products",
     push,
     exact=True,
+    curvature=True,
 )

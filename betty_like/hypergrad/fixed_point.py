@@ -14,8 +14,9 @@ from functools import partial
 import torch
 
 from ._context import HypergradContext, HypergradInfo
+from ._curvature import gauss_newton
 from ._implicit import Residual, check_every, compiled_hessian, default_tolerance, root_push
-from ._linsolve import MatVec, neumann
+from ._linsolve import GraphMatVec, MatVec, neumann
 from ._method import Method
 from ._tree import Params, grads
 
@@ -57,6 +58,33 @@ def compiled_update(ctx: HypergradContext) -> MatVec | None:
         curved = hessian(through_g)
         return {k: u[k] - through_w[k] - curved[k] for k in keys}
 
+
+def gauss_newton_update(ctx: HypergradContext) -> GraphMatVec:
+    """``u -> (d(w - Phi)/dw)^T u`` with the Hessian inside ``dPhi/dw`` replaced by Gauss-Newton products.
+
+    ``Phi(w, g)`` is the optimizer step at the gradient ``g = grad_w f``, so ``dPhi/dw`` is
+    ``d_w Phi + d_g Phi H``: the partial in ``g`` is taken at the gradient's value, and ``H`` becomes
+    ``G``. For SGD this is ``lr * G u``.
+    """
+    curvature = gauss_newton(ctx)
+    names = list(ctx.w)
+    gradient = {k: t.detach().requires_grad_(True) for k, t in grads(ctx.objective(ctx.w, ctx.x), ctx.w).items()}
+    stepped, _ = ctx.optimizer.step(ctx.w, gradient)
+    outputs = [stepped[k] for k in names]
+    inputs = [ctx.w[k] for k in names] + [gradient[k] for k in names]
+
+    def product(u: Params, create_graph: bool) -> Params:
+        found = torch.autograd.grad(
+            outputs, inputs, grad_outputs=[u[k] for k in names], retain_graph=True,
+            create_graph=create_graph, allow_unused=True,
+        )
+        through_w = {k: torch.zeros_like(u[k]) if g is None else g for k, g in zip(names, found, strict=False)}
+        through_g = {
+            k: torch.zeros_like(u[k]) if g is None else g for k, g in zip(names, found[len(names) :], strict=True)
+        }
+        curved = curvature(through_g, create_graph)
+        return {k: u[k] - through_w[k] - curved[k] for k in names}
+
     return product
 
 
@@ -67,7 +95,8 @@ def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
             "identity at learning rate 0: give the optimizer a positive learning rate, or use hypergrad='cg'"
         )
     solve = partial(neumann, iterations=ctx.config.iterations, tol=default_tolerance(ctx), alpha=1.0, check_every=check_every(ctx))
-    return root_push(ctx, update_residual(ctx), solve, "fixed_point", symmetric=False, compiled=compiled_update)
+    jacobian = gauss_newton_update(ctx) if ctx.config.curvature == "gauss_newton" else None
+    return root_push(ctx, update_residual(ctx), solve, "fixed_point", symmetric=False, compiled=compiled_update, jacobian=jacobian)
 
 
 METHOD = Method(
@@ -76,4 +105,5 @@ METHOD = Method(
     push,
     steps_optimizer=True,
     exact=True,
+    curvature=True,
 )

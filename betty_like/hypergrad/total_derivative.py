@@ -30,7 +30,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._context import HypergradContext, HypergradInfo, _identity
@@ -76,8 +76,12 @@ class Level:
         hvp: ``(w, others) -> u -> H_ww u``: compiled Hessian-vector products of its loss in its own
             parameters ``w``, everything else at ``others`` (``compile_hypergrad``); it returns ``None``
             where they cannot be used. ``None``: eager products only.
-        curvature: its kept largest-eigenvalue estimate for Neumann solves (``None``: none kept).
+        eigenvalue: its kept largest-eigenvalue estimate for Neumann solves (``None``: none kept).
         shared: a cotangent reaching one of its linear solves, as the adjoint right-hand side (mean over ranks).
+        outputs: its ``output_loss`` at the complete mapping given, ``(outputs, loss_fn)`` (``None``:
+            not defined); Gauss-Newton curvature and KFAC need it.
+        module: its module (KFAC reads its layers).
+        memo: what its methods keep across steps (KFAC factors), owned by the engine.
     """
 
     name: str
@@ -90,8 +94,11 @@ class Level:
     push_wrap: Callable[[Callable], Callable] = _identity
     matvec_wrap: Callable[[MatVec], MatVec] = _identity
     hvp: Callable[[Params, Params], MatVec | None] | None = None
-    curvature: CurvatureEstimate | None = None
+    eigenvalue: CurvatureEstimate | None = None
     shared: Callable[[Params], Params] = _identity
+    outputs: Callable[[Params], tuple[Tensor, Callable[[Tensor], Tensor]]] | None = None
+    module: nn.Module | None = None
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -192,7 +199,8 @@ class _Record:
             message = (
                 f"problem {info.problem!r}: its Hessian is indefinite here (cg met non-positive curvature); the "
                 "solve continued with MINRES, valid for a symmetric indefinite system. If its loss should be "
-                "convex near its solution, train it further or set ProblemConfig(damping=...)"
+                "convex near its solution, train it further, set ProblemConfig(damping=...), or use "
+                "ProblemConfig(curvature='gauss_newton'), whose products are positive semi-definite"
             )
             if message not in self.warnings:
                 self.warnings.append(message)
@@ -244,14 +252,22 @@ class _Responder:
         outputs = _BestResponse.apply(self, *self.inputs, *current)
         return dict(zip(self.output_keys, outputs, strict=True))
 
-    def objective(self, w: Params, x: Params) -> Tensor:
-        """The level's loss at ``w``, ``x``; with ``nested="total"`` its lowers respond to both."""
+    def values(self, w: Params, x: Params) -> Params:
+        """Every parameter at ``w``, ``x``; with ``nested="total"`` the level's lowers respond to both."""
         given: dict[str, Params] = {self.level.name: w}
         for k, t in x.items():
             given.setdefault(self.owner_of[k], {})[k] = t
         if self.level.config.nested == "total":
             given = _respond(self.program, self.level.name, given, self.base, self.record)
-        return self.level.loss(_merge(self.base, given))
+        return _merge(self.base, given)
+
+    def objective(self, w: Params, x: Params) -> Tensor:
+        """The level's loss at ``w``, ``x``."""
+        return self.level.loss(self.values(w, x))
+
+    def split(self, w: Params, x: Params) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The level's loss at ``w``, ``x`` as ``(outputs, loss_fn)``."""
+        return self.level.outputs(self.values(w, x))
 
     def push(self, v: Params, inputs: list[Tensor], outputs: list[Tensor]) -> list[Tensor]:
         """``v^T dw*/dx`` at the current solution, differentiable when the caller builds a graph."""
@@ -277,8 +293,11 @@ class _Responder:
                 create_graph=create_graph,
                 matvec_wrap=level.matvec_wrap,
                 compiled_hvp=compiled,
-                curvature=level.curvature,
+                eigenvalue=level.eigenvalue,
                 shared=level.shared,
+                outputs=None if level.outputs is None else self.split,
+                module=level.module,
+                memo=level.memo,
             )
             pushed, info = level.push_wrap(_unless_zero(level.method.push))(context)
         if info is not None:
