@@ -259,7 +259,9 @@ def report(rows: list[dict], e2e: list[dict], algos: list[str], args, seconds: f
         f"Medians of {args.repeats} runs after {args.warmup} warm-ups, algorithms interleaved round-robin, unless a row says otherwise; "
         f"times in ms, `±` is half the interquartile range over the runs (relative for times, absolute for ratios); "
         f"ratios are medians of per-round ratios (both sides ran in the same round); `auto` uses the default `ConvTuner` (its own timing, independent of these numbers). "
-        f"Whole run {seconds / 60:.1f} min. Produced by `benchmarks/conv_algorithms.py`.",
+        f"ResNet-18 layers at batch {', '.join(map(str, args.batches))}, the digits CNN at batch 32. "
+        f"Whole run {seconds / 60:.1f} min on a shared 2-core CPU machine loaded by other jobs (absolute times are noisy; "
+        f"the interleaved ratios are the point). Produced by `benchmarks/conv_algorithms.py`.",
         "",
     ]
     for mode in ("fwd+bwd", "fwd"):
