@@ -20,8 +20,7 @@ from torch import nn
 
 from ._surrogate import Surrogate, spike, surrogate
 
-Tensor = torch.Tensor
-State = tuple[Tensor, ...]
+State = tuple[torch.Tensor, ...]
 
 
 def _check_positive(**values: float) -> None:
@@ -63,33 +62,33 @@ class Neuron(nn.Module, ABC):
         hypergradient methods that differentiate through gradients of this neuron."""
         return not self.sur.second_order
 
-    def init_state(self, batch: int, like: Tensor) -> State:
+    def init_state(self, batch: int, like: torch.Tensor) -> State:
         """Zero state for ``batch`` samples, on ``like``'s device and dtype."""
         zero = like.new_zeros(batch, self.size)
         return (zero, zero)
 
-    def _current(self, i: Tensor, drive: Tensor, dt: float) -> Tensor:
+    def _current(self, i: torch.Tensor, drive: torch.Tensor, dt: float) -> torch.Tensor:
         return torch.exp(-dt / self.log_tau_syn.exp()) * i + drive
 
-    def _noise(self, v: Tensor, noise: bool) -> Tensor:
+    def _noise(self, v: torch.Tensor, noise: bool) -> torch.Tensor:
         return v + self.c2c_sigma * torch.randn_like(v) if noise and self.c2c_sigma > 0 else v
 
-    def distance(self, state: State) -> Tensor:
+    def distance(self, state: State) -> torch.Tensor:
         """Signed distance of the membrane (last state entry) from the threshold, before reset."""
         return state[-1] - self.threshold * self.d2d
 
-    def step(self, state: State, drive: Tensor, dt: float, noise: bool = True) -> tuple[State, Tensor]:
+    def step(self, state: State, drive: torch.Tensor, dt: float, noise: bool = True) -> tuple[State, torch.Tensor]:
         """One step of length ``dt``: integrate, fire, reset; returns the new state and the spikes."""
         state = self.integrate(state, drive, dt, noise)
         s = spike(self.distance(state), self.sur)
         return self.reset(state, s.detach()), s
 
     @abstractmethod
-    def integrate(self, state: State, drive: Tensor, dt: float, noise: bool) -> State:
+    def integrate(self, state: State, drive: torch.Tensor, dt: float, noise: bool) -> State:
         """The state after one step, before any spike resets it."""
 
     @abstractmethod
-    def reset(self, state: State, fired: Tensor) -> State:
+    def reset(self, state: State, fired: torch.Tensor) -> State:
         """The state after ``fired`` (a detached spike, or a window's spike count) reset it."""
 
 
@@ -120,13 +119,13 @@ class LIF(Neuron):
         self.reset_mode = reset
         self.log_tau_mem = nn.Parameter(torch.full((size,), float(tau_mem)).log())
 
-    def integrate(self, state: State, drive: Tensor, dt: float, noise: bool) -> State:
+    def integrate(self, state: State, drive: torch.Tensor, dt: float, noise: bool) -> State:
         i, u = state
         i = self._current(i, drive, dt)
         b = torch.exp(-dt / self.log_tau_mem.exp())
         return i, self._noise(b * u + (1.0 - b) * i, noise)
 
-    def reset(self, state: State, fired: Tensor) -> State:
+    def reset(self, state: State, fired: torch.Tensor) -> State:
         i, u = state
         if self.reset_mode == "subtract":
             return i, u - self.threshold * self.d2d * fired
@@ -177,12 +176,12 @@ class FeLIF(Neuron):
         self.log_tau_sw = nn.Parameter(torch.full((size,), float(tau_sw)).log())
         self.log_tau_leak = nn.Parameter(torch.full((size,), float(tau_leak)).log())
 
-    def init_state(self, batch: int, like: Tensor) -> State:
+    def init_state(self, batch: int, like: torch.Tensor) -> State:
         """Zero current, fully erased polarization ``-P_s``."""
         zero = like.new_zeros(batch, self.size)
         return (zero, zero - self.p_sat)
 
-    def integrate(self, state: State, drive: Tensor, dt: float, noise: bool) -> State:
+    def integrate(self, state: State, drive: torch.Tensor, dt: float, noise: bool) -> State:
         i, p = state
         i = self._current(i, drive, dt)
         up = self.p_sat * torch.tanh((i - self.e_coercive) / self.width)
@@ -192,7 +191,7 @@ class FeLIF(Neuron):
         keep = torch.exp(-dt / self.log_tau_leak.exp())
         return i, self._noise(-self.p_sat + keep * (p + self.p_sat), noise)
 
-    def reset(self, state: State, fired: Tensor) -> State:
+    def reset(self, state: State, fired: torch.Tensor) -> State:
         i, p = state
         return i, p - fired.clamp(max=1.0) * (p + self.p_sat)
 
@@ -212,11 +211,11 @@ class Readout(nn.Module):
         self.size = size
         self.log_tau = nn.Parameter(torch.full((size,), float(tau)).log())
 
-    def init_state(self, batch: int, like: Tensor) -> State:
+    def init_state(self, batch: int, like: torch.Tensor) -> State:
         """Zero membrane."""
         return (like.new_zeros(batch, self.size),)
 
-    def step(self, state: State, drive: Tensor, dt: float, noise: bool = True) -> tuple[State, Tensor]:
+    def step(self, state: State, drive: torch.Tensor, dt: float, noise: bool = True) -> tuple[State, torch.Tensor]:
         """One step; the output is the membrane itself.
 
         ``noise`` is accepted for the neurons' common ``step`` signature and has no effect: the readout
