@@ -23,6 +23,11 @@ from ._surrogate import Surrogate, spike, surrogate
 State = tuple[torch.Tensor, ...]
 
 
+def _membrane_noise(v: torch.Tensor, sigma: float, noise: bool) -> torch.Tensor:
+    """``v + sigma * N(0, 1)`` elementwise when ``noise`` is on and ``sigma > 0``, else ``v`` unchanged."""
+    return v + sigma * torch.randn_like(v) if noise and sigma > 0 else v
+
+
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
@@ -71,7 +76,7 @@ class Neuron(nn.Module, ABC):
         return torch.exp(-dt / self.log_tau_syn.exp()) * i + drive
 
     def _noise(self, v: torch.Tensor, noise: bool) -> torch.Tensor:
-        return v + self.c2c_sigma * torch.randn_like(v) if noise and self.c2c_sigma > 0 else v
+        return _membrane_noise(v, self.c2c_sigma, noise)
 
     def distance(self, state: State) -> torch.Tensor:
         """Signed distance of the membrane (last state entry) from the threshold, before reset."""
@@ -200,15 +205,21 @@ class Readout(nn.Module):
     """Non-spiking leaky integrator read out as the network's output (logits).
 
     ``u <- b u + drive`` with ``b = exp(-dt/tau)``: the input enters as a jump, so a window's spike
-    count drives the coarse step like the sum of its fine steps.
+    count drives the coarse step like the sum of its fine steps. ``c2c_sigma`` is the membrane's
+    cycle-to-cycle noise, as for the spiking neurons: ``sigma * N(0, 1)`` added to ``u`` on every step
+    taken with ``noise=True`` (it stays in the membrane and decays with it); 0, the default, makes the
+    readout an ideal integrator.
     """
 
     spiking = False
 
-    def __init__(self, size: int, tau: float = 20e-3) -> None:
+    def __init__(self, size: int, tau: float = 20e-3, c2c_sigma: float = 0.0) -> None:
         super().__init__()
         _check_positive(tau=tau)
+        if c2c_sigma < 0:
+            raise ValueError(f"Readout noise level must be >= 0, got c2c_sigma={c2c_sigma} (0 disables it)")
         self.size = size
+        self.c2c_sigma = c2c_sigma
         self.log_tau = nn.Parameter(torch.full((size,), float(tau)).log())
 
     def init_state(self, batch: int, like: torch.Tensor) -> State:
@@ -216,12 +227,8 @@ class Readout(nn.Module):
         return (like.new_zeros(batch, self.size),)
 
     def step(self, state: State, drive: torch.Tensor, dt: float, noise: bool = True) -> tuple[State, torch.Tensor]:
-        """One step; the output is the membrane itself.
-
-        ``noise`` is accepted for the neurons' common ``step`` signature and has no effect: the readout
-        is an ideal integrator (device noise is modelled in the spiking layers it reads).
-        """
-        u = torch.exp(-dt / self.log_tau.exp()) * state[0] + drive
+        """One step; the output is the membrane itself, with its noise when ``noise`` is on."""
+        u = _membrane_noise(torch.exp(-dt / self.log_tau.exp()) * state[0] + drive, self.c2c_sigma, noise)
         return (u,), u
 
 
