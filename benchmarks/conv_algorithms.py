@@ -2,8 +2,9 @@
 
 For every distinct conv layer of ResNet-18 (224x224 input; shapes written out below) at batch 1 and
 32, and for the digits CNN of the tests at batch 32, each algorithm's forward (no grad) and
-forward+backward time is measured on identical inputs, interleaved round-robin, after warm-ups, as
-the median of repeated runs. ``auto`` then picks per layer with its default tuner, and its choice is
+forward+backward time is measured on identical inputs, interleaved round-robin with torch, after
+warm-ups, as the median of repeated runs with half the interquartile range as spread; ratios to torch
+are medians of per-round ratios. ``auto`` then picks per layer with its default tuner, and its choice is
 compared with the best candidate and with torch on the timings measured here. End to end, one
 training step (forward + backward) of ResNet-18 at batch 1 and of the digits CNN at batch 32 is timed
 unswapped, swapped with the ``torch`` passthrough (its overhead) and swapped with ``auto``.
