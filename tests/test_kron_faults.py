@@ -18,7 +18,7 @@ START = "forkserver"
 mp.get_context(START).set_forkserver_preload(["betty_like.backends.kron"])
 
 
-def _run_and_kill(synchronous: bool, during: str, victim: int = 1):
+def _run_and_kill(synchronous: bool, during: str, victim: int = 1, start_method: str = START):
     make, _ = async_problem()
     trainer = make()
     before = (trainer.P.clone(), trainer.C.clone())
@@ -28,7 +28,7 @@ def _run_and_kill(synchronous: bool, during: str, victim: int = 1):
 
     def run():
         try:
-            async_sgd(trainer, schedule, workers=2, synchronous=synchronous, timeout=60, start_method=START)
+            async_sgd(trainer, schedule, workers=2, synchronous=synchronous, timeout=60, start_method=start_method)
         except AsyncWorkerError as error:
             out["error"], out["at"] = error, time.monotonic()
 
@@ -78,7 +78,9 @@ def test_a_killed_worker_ends_the_run_fast_naming_it_with_the_losses_so_far(sync
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("synchronous", [True, False], ids=["synchronous", "hogwild"])
 def test_a_worker_killed_during_start_up_is_named_and_nothing_is_applied(synchronous):
-    error, noticed, trainer, _, _, before = _run_and_kill(synchronous, "start-up", victim=0)
+    # spawn: the workers import torch before they report ready, so the kill surely lands in start-up (a
+    # forkserver worker is ready within microseconds and, on a loaded machine, may already be running)
+    error, noticed, trainer, _, _, before = _run_and_kill(synchronous, "start-up", victim=0, start_method="spawn")
     assert noticed < 2.0
     assert error.worker == 0 and "during start-up" in str(error) and "SIGKILL" in str(error)
     assert error.result.applied.tolist() == [0, 0] and error.result.losses.isnan().all()
