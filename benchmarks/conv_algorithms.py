@@ -178,7 +178,7 @@ def time_layer(layer: Layer, batch: int, args) -> dict:
             timings = interleaved_ms(fns, warmup, repeats) if fns else {}
             for n, t in timings.items():
                 row[mode].setdefault(n, t)
-                row["torch@" + mode][n] = timings["torch"]
+                row["torch@" + mode].setdefault(n, timings["torch"])
     with tempfile.TemporaryDirectory() as tmp:
         tuner = ConvTuner(Path(tmp) / "auto.json", persist=False)
         model = swap(nn.Sequential(conv), "auto", tuner=tuner)
