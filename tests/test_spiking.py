@@ -10,6 +10,7 @@ import torch
 from betty_like.backends.spiking import (
     FeLIF,
     QuantizedLinear,
+    Readout,
     SavedTensorMeter,
     TimeGrid,
     build_network,
@@ -119,6 +120,40 @@ def test_device_variability_is_fixed_per_device_and_read_noise_fresh_per_use():
     noisy = QuantizedLinear(8, 8, c2c_sigma=0.1)
     x = torch.ones(1, 8)
     assert not torch.equal(noisy(x), noisy(x))
+
+
+def _two_readout_steps(readout: Readout, u0: torch.Tensor, drives, dt: float, noise: bool) -> list[torch.Tensor]:
+    state, outs = (u0,), []
+    for d in drives:
+        state, out = readout.step(state, d, dt, noise=noise)
+        outs.append(out.double())
+    return outs
+
+
+def test_readout_membrane_noise_has_the_documented_moments_and_stays_in_the_membrane():
+    """u <- exp(-dt/tau) u + drive + sigma N(0, 1) on noisy steps: against that math written out by hand."""
+    tau, dt, sigma, n = 2e-3, 1e-3, 0.1, 200_000
+    b = math.exp(-dt / tau)
+    gen = torch.Generator().manual_seed(0)
+    u0, d1, d2 = (torch.randn(n, 4, generator=gen) for _ in range(3))
+    ideal1 = b * u0.double() + d1.double()
+    ideal2 = b * ideal1 + d2.double()
+    for readout, noise in ((Readout(4, tau=tau, c2c_sigma=sigma), False), (Readout(4, tau=tau), True)):
+        outs = _two_readout_steps(readout, u0, (d1, d2), dt, noise)
+        for out, ideal in zip(outs, (ideal1, ideal2), strict=True):
+            assert ((out - ideal).abs().max() / ideal.abs().max()).item() < 1e-6
+
+    torch.manual_seed(1)
+    out1, out2 = _two_readout_steps(Readout(4, tau=tau, c2c_sigma=sigma), u0, (d1, d2), dt, True)
+    r1, r2 = (out1 - ideal1).flatten(), (out2 - ideal2).flatten()
+    # step 1 adds sigma N(0,1); step 2 decays it by b and adds a fresh draw: var sigma^2 (1 + b^2)
+    assert abs(r1.std().item() / sigma - 1) < 0.02
+    assert abs(r2.std().item() / (sigma * math.sqrt(1 + b * b)) - 1) < 0.02
+    assert abs(r1.mean().item()) < 5 * sigma / math.sqrt(r1.numel())
+    corr = torch.corrcoef(torch.stack([r1, r2]))[0, 1].item()
+    assert abs(corr / (b / math.sqrt(1 + b * b)) - 1) < 0.02
+    with pytest.raises(ValueError, match="c2c_sigma=-0.1"):
+        Readout(4, c2c_sigma=-0.1)
 
 
 def _formula(name: str, b: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

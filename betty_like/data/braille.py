@@ -20,8 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-Tensor = torch.Tensor
-
 LETTERS = " abcdefghijklmnopqrstuvwxyz"
 _DOTS = {
     "a": "1", "b": "12", "c": "14", "d": "145", "e": "15", "f": "124", "g": "1245", "h": "125",
@@ -53,13 +51,13 @@ class BrailleConfig:
             raise ValueError(f"BrailleConfig needs time_jitter >= 0 and background in [0, 1), got {self}")
 
 
-def _dot_positions(letter: str) -> Tensor:
+def _dot_positions(letter: str) -> torch.Tensor:
     """(n_dots, 2) positions (x, y) in mm of the raised dots of ``letter``."""
     pos = [((int(d) - 1) // 3 * 2.5, (int(d) - 1) % 3 * 2.5) for d in _DOTS[letter]]
     return torch.tensor(pos, dtype=torch.float32).reshape(-1, 2)
 
 
-def _events(pressure: Tensor, delta: float) -> Tensor:
+def _events(pressure: torch.Tensor, delta: float) -> torch.Tensor:
     """Sigma-delta encode ``(..., T, taxels)`` pressure to ``(..., T, 2 * taxels)`` ON/OFF events."""
     ref = pressure[..., 0, :].clone()
     on, off = torch.zeros_like(pressure), torch.zeros_like(pressure)
@@ -71,7 +69,7 @@ def _events(pressure: Tensor, delta: float) -> Tensor:
     return torch.cat([on, off], dim=-1)
 
 
-def _jitter(events: Tensor, shift: int, generator: torch.Generator) -> Tensor:
+def _jitter(events: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
     if shift == 0:
         return events
     out = torch.zeros_like(events)
@@ -81,7 +79,7 @@ def _jitter(events: Tensor, shift: int, generator: torch.Generator) -> Tensor:
     return out
 
 
-def _pressure(letter: str, cfg: BrailleConfig, generator: torch.Generator) -> Tensor:
+def _pressure(letter: str, cfg: BrailleConfig, generator: torch.Generator) -> torch.Tensor:
     """Noisy taxel pressure ``(steps, 12)`` for one sweep of ``letter`` over the sensor."""
     speed = 1.0 + cfg.speed_jitter * (2 * torch.rand((), generator=generator) - 1)
     offset = cfg.offset_jitter * (2 * torch.rand((), generator=generator) - 1)
@@ -98,14 +96,14 @@ def _pressure(letter: str, cfg: BrailleConfig, generator: torch.Generator) -> Te
     return pressure + cfg.pressure_noise * torch.randn(pressure.shape, generator=generator)
 
 
-def _finish(events: Tensor, cfg: BrailleConfig, generator: torch.Generator) -> Tensor:
+def _finish(events: torch.Tensor, cfg: BrailleConfig, generator: torch.Generator) -> torch.Tensor:
     """Timing jitter and background events for one sample's ``(steps, 24)`` events."""
     events = _jitter(events, cfg.time_jitter, generator)
     noise = (torch.rand(events.shape, generator=generator) < cfg.background).float()
     return torch.clamp(events + noise, max=1.0)
 
 
-def sample(letter: str, config: BrailleConfig, generator: torch.Generator) -> Tensor:
+def sample(letter: str, config: BrailleConfig, generator: torch.Generator) -> torch.Tensor:
     """Events ``(steps, 24)`` for one sweep of ``letter`` over the sensor."""
     if letter not in _DOTS:
         raise ValueError(f"letter={letter!r}: choose one of {LETTERS!r}")
@@ -114,7 +112,7 @@ def sample(letter: str, config: BrailleConfig, generator: torch.Generator) -> Te
 
 def make_dataset(
     per_letter: int, config: BrailleConfig | None = None, seed: int = 0
-) -> tuple[Tensor, Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_letter`` sweeps of each of the 27 classes: events ``(N, steps, 24)``, labels ``(N,)``."""
     if per_letter < 1:
         raise ValueError(f"per_letter={per_letter!r} must be >= 1")

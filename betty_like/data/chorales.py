@@ -18,16 +18,14 @@ from pathlib import Path
 
 import torch
 
-Tensor = torch.Tensor
-
 
 @dataclass(frozen=True)
 class Chorale:
     """One piece: ``frames`` ``(T, n_pitches)`` multi-hot, ``soprano`` ``(T,)`` class per frame."""
 
     name: str
-    frames: Tensor
-    soprano: Tensor
+    frames: torch.Tensor
+    soprano: torch.Tensor
 
 
 def _cache_dir() -> Path:
@@ -35,7 +33,7 @@ def _cache_dir() -> Path:
     return Path(root) / "betty_like"
 
 
-def _encode(score, frame_ql: float, low: int, high: int) -> tuple[Tensor, Tensor]:
+def _encode(score, frame_ql: float, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_frames = int(round(float(score.highestTime) / frame_ql))
     rest = high - low + 1
     frames = torch.zeros(n_frames, rest, dtype=torch.bool)
@@ -114,7 +112,7 @@ def split_by_piece(
     return pieces[:a], pieces[a:b], pieces[b:]
 
 
-def segments(pieces: list[Chorale], length: int) -> tuple[Tensor, Tensor]:
+def segments(pieces: list[Chorale], length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut every piece into non-overlapping segments of ``length`` frames with next-frame targets.
 
     Returns inputs ``(N, length, n_pitches)`` float and targets ``(N, length)``: the soprano class of
@@ -130,7 +128,7 @@ def segments(pieces: list[Chorale], length: int) -> tuple[Tensor, Tensor]:
     return torch.stack(xs).float(), torch.stack(ys)
 
 
-def to_spikes(frames: Tensor, steps_per_frame: int, rate: float, generator: torch.Generator) -> Tensor:
+def to_spikes(frames: torch.Tensor, steps_per_frame: int, rate: float, generator: torch.Generator) -> torch.Tensor:
     """Rate-code frames ``(N, L, P)`` as spikes ``(L * steps_per_frame, N, P)`` at the fine step.
 
     An active pitch fires with probability ``rate`` at each fine step of its frame (Bernoulli).

@@ -11,7 +11,6 @@ Padding, dtypes and layout follow the conventions of :mod:`._common`.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +62,17 @@ def im2col(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> 
     return finish(y.reshape(n, o, ho, wo), b, x, weight, out_dtype)
 
 
-@lru_cache(maxsize=16)
-def _winograd_matrices(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Bᵀ, G, Aᵀ of Lavin & Gray's F(2x2, 3x3) for cross-correlation."""
-    bt = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
-    g = [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]]
-    at = [[1, 1, 1, 0], [0, 1, -1, -1]]
-    return tuple(torch.tensor(m, dtype=dtype, device=device) for m in (bt, g, at))  # type: ignore[return-value]
+# Bᵀ, G, Aᵀ of Lavin & Gray's F(2x2, 3x3) for cross-correlation (entries exact in every float dtype).
+# Plain constants converted per call, not an ``lru_cache`` keyed by dtype and device: Dynamo traces
+# through such a cache (and warns that it ignores it), and converting three 4x4 tensors is cheap.
+_WINOGRAD = tuple(
+    torch.tensor(m, dtype=torch.float64)
+    for m in (
+        [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]],
+    )
+)
 
 
 def winograd_supports(layer: nn.Conv2d) -> str | None:
@@ -90,7 +93,7 @@ def winograd(layer: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -
     o, g = w.shape[0], layer.groups
     th, tw = math.ceil(ho / 2), math.ceil(wo / 2)
     xp = F.pad(xp, (0, 2 * tw + 2 - xp.shape[3], 0, 2 * th + 2 - xp.shape[2]))
-    bt, gm, at = _winograd_matrices(xp.dtype, xp.device)
+    bt, gm, at = (m.to(xp) for m in _WINOGRAD)
     tiles = xp.unfold(2, 4, 2).unfold(3, 4, 2)  # (n, c, th, tw, 4, 4)
     v = bt @ tiles @ bt.T
     u = gm @ w @ gm.T  # (o, c/g, 4, 4)

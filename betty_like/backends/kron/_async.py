@@ -1,30 +1,30 @@
-"""Asynchronous SGD for `KronTwoLayerSGD`: worker processes updating the implicit weights in shared memory.
+"""Asynchronous SGD for ``KronTwoLayerSGD``: worker processes updating the implicit weights in shared memory.
 
 The state that changes, the coefficients C and pre-activations P, is moved into shared memory; the
 Gram matrix K, targets and signs are shared read-only. A fixed batch schedule is split round-robin:
 worker k takes global steps k, k + W, k + 2W, ...
 
-- `synchronous=False` (Hogwild): workers read P and write their updates without any lock. Writes
+- ``synchronous=False`` (Hogwild): workers read P and write their updates without any lock. Writes
   to the same entries may race, which is the price of lock-freedom.
-- `synchronous=True`: a condition variable hands the state to the worker owning the next global
+- ``synchronous=True``: a condition variable hands the state to the worker owning the next global
   step, so steps are applied one at a time in schedule order. With staleness 0 this reproduces
   sequential SGD on the same schedule exactly, and no update can be lost.
 
 A worker that dies (a signal, an exception, a failure during start-up) is noticed by the parent
-within ~0.1 s: the survivors are stopped, and `AsyncWorkerError` names the worker, its exit code or
+within ~0.1 s: the survivors are stopped, and ``AsyncWorkerError`` names the worker, its exit code or
 traceback and the updates applied so far, and carries the losses recorded so far
-(`error.result`). The trainer is left consistent:
+(``error.result``). The trainer is left consistent:
 
 - synchronous mode: every applied update is whole. Each update is written under the lock after its
   old C entries are saved in a shared journal; an update interrupted by the death is rolled back
   (C restored, the rows of P it touched recomputed as P0 + C K), so C and P hold exactly the
-  `applied.sum()` updates (with staleness 0, the first that many steps of
+  ``applied.sum()`` updates (with staleness 0, the first that many steps of
   sequential SGD on the schedule).
 - Hogwild mode: the survivors are asked to stop at their next step and finish the update they are
   writing; the state holds every update they applied plus, possibly, part of the dead worker's last
   one, which is Hogwild's usual contract (racing writes may already leave P off P0 + C K by rounding).
 
-`staleness` = tau delays each worker's writes by tau of its own steps (an update computed at local
+``staleness`` = tau delays each worker's writes by tau of its own steps (an update computed at local
 step s is written after local step s + tau is computed), so gradients are taken on weights that miss
 at least the worker's tau latest updates; the queue is flushed at the end. Only the vectorised mask
 search is used: the tree's maxima would need locks to stay consistent under concurrent writes.
@@ -52,7 +52,7 @@ from ._sgd import KronTwoLayerSGD, Update, apply_update, compute_update
 class AsyncResult:
     """What a run did: per-global-step batch losses, updates applied per worker, and compute time.
 
-    `seconds` runs from the moment all workers were released (process start-up excluded) to the
+    ``seconds`` runs from the moment all workers were released (process start-up excluded) to the
     last worker's end. Steps that did not run have a NaN loss.
     """
 
@@ -62,12 +62,12 @@ class AsyncResult:
 
 
 class AsyncWorkerError(RuntimeError):
-    """A worker of `async_sgd` died or failed; `result` holds the losses and applied counts so far.
+    """A worker of ``async_sgd`` died or failed; ``result`` holds the losses and applied counts so far.
 
     Attributes:
         worker: the rank of the worker that failed first.
         exitcode: its exit code (negative: killed by that signal), None if it reported an exception.
-        result: what the run did up to the failure; the trainer's state matches `result.applied`.
+        result: what the run did up to the failure; the trainer's state matches ``result.applied``.
     """
 
     def __init__(self, message: str, worker: int, exitcode: int | None, result: AsyncResult) -> None:
@@ -93,8 +93,8 @@ class _Shared:
 class _Journal:
     """The update in flight and the C entries it overwrites (synchronous mode), to roll it back if its writer dies.
 
-    `state[0]` = 1 while an update is being written, `state[1]` = its number of (row, col) pairs
-    (at most m * S, rows may repeat), `state[2]` = the writer's rank, `state[3]` = the writer's
+    ``state[0]`` = 1 while an update is being written, ``state[1]`` = its number of (row, col) pairs
+    (at most m * S, rows may repeat), ``state[2]`` = the writer's rank, ``state[3]`` = the writer's
     applied count before it. P is not copied (that doubled a step's cost): the rows the update
     touched are recomputed from the restored C on roll-back, P = P0 + C K, equal up to rounding.
     """
@@ -115,7 +115,7 @@ class _Journal:
         )
 
     def write(self, s: _Shared, update: Update, rank: int) -> None:
-        """Apply `update` and count it, so that a death at any instant can be undone by `roll_back`."""
+        """Apply ``update`` and count it, so that a death at any instant can be undone by ``roll_back``."""
         k = update.rows.numel()
         self.pair_rows[:k], self.pair_cols[:k] = update.rows, update.cols
         self.c_values[:k] = s.C[update.rows, update.cols]
@@ -152,9 +152,9 @@ def _worker(
     control,
     errors,
 ) -> None:
-    """Run the global steps rank, rank + workers, ... of the schedule; report failures on `errors`.
+    """Run the global steps rank, rank + workers, ... of the schedule; report failures on ``errors``.
 
-    `control` = (ready count, go flag, stop flag), shared with the parent.
+    ``control`` = (ready count, go flag, stop flag), shared with the parent.
     """
     try:
         torch.set_num_threads(1)
@@ -188,10 +188,10 @@ def _worker(
 
 
 def _wait_turn(cond, turn, stop, t: int, rank: int, wait: float) -> None:
-    """Wait (holding `cond` on return) until step `t` is this worker's or the parent says stop.
+    """Wait (holding ``cond`` on return) until step ``t`` is this worker's or the parent says stop.
 
     Polls every 50 ms instead of relying on a notify alone: the parent never notifies (a condition's
-    notify blocks forever on a sleeper that was killed), it only sets `stop`.
+    notify blocks forever on a sleeper that was killed), it only sets ``stop``.
     """
     deadline = time.monotonic() + wait
     while turn.value != t and not stop.value:
@@ -225,12 +225,12 @@ def async_sgd(
     timeout: float = 120.0,
     start_method: str = "spawn",
 ) -> AsyncResult:
-    """Run the steps of `schedule` (T, S input indices) on `trainer` with `workers` processes.
+    """Run the steps of ``schedule`` (T, S input indices) on ``trainer`` with ``workers`` processes.
 
     The trainer's C and P are updated in place (they are moved to shared memory). Raises
-    `AsyncWorkerError` (a RuntimeError) naming the worker if one dies or fails, within about a
+    ``AsyncWorkerError`` (a RuntimeError) naming the worker if one dies or fails, within about a
     second, with the losses so far and a consistent trainer state (see the module docstring); and
-    TimeoutError if the run exceeds `timeout` seconds. In every case all worker processes are
+    TimeoutError if the run exceeds ``timeout`` seconds. In every case all worker processes are
     stopped and joined first.
     """
     _check_arguments(trainer, schedule, workers, staleness)
@@ -319,7 +319,7 @@ class _Failure(Exception):
 
 
 def _watch(procs: list, errors, done, timeout: float, phase: str) -> None:
-    """Poll the workers every 10 ms until ``done()`` or all have exited; raise `_Failure` at the first failure."""
+    """Poll the workers every 10 ms until ``done()`` or all have exited; raise ``_Failure`` at the first failure."""
     deadline = time.monotonic() + timeout
     while not done() and not all(proc.exitcode is not None for proc in procs):
         _raise_reported(errors, phase, 0.0)
@@ -337,7 +337,7 @@ def _watch(procs: list, errors, done, timeout: float, phase: str) -> None:
 
 
 def _raise_reported(errors, phase: str, wait: float) -> None:
-    """Raise `_Failure` for the first traceback a worker put on the error queue, if any."""
+    """Raise ``_Failure`` for the first traceback a worker put on the error queue, if any."""
     try:
         rank, report = errors.get(timeout=wait) if wait > 0 else errors.get_nowait()
     except queue.Empty:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 class KronData:
     """A set of n inputs x_i = U[i] ⊗ V[i], stored as the factors U (n, p) and V (n, q).
 
-    Only `materialize` builds the d = p * q dimensional inputs; it exists for tests and for the
+    Only ``materialize`` builds the d = p * q dimensional inputs; it exists for tests and for the
     dense baseline, never for the fast path.
     """
 
@@ -64,7 +64,7 @@ class KronData:
         return self.p * self.q
 
     def __getitem__(self, index: Tensor | slice | int) -> KronData:
-        """The inputs selected by `index`, still in factored form."""
+        """The inputs selected by ``index``, still in factored form."""
         if isinstance(index, int):
             index = slice(index, index + 1)
         return KronData(self.U[index], self.V[index])
@@ -90,10 +90,10 @@ class KroneckerLinear(nn.Module):
     Neuron r has weight w_r = sum_k kron(A[r, k], B[r, k]) with A (m, rank, p) and B (m, rank, q),
     so <w_r, u ⊗ v> = sum_k <A[r, k], u> <B[r, k], v>. Forward, backward and double backward are
     plain einsums, O(m * rank * (p + q)) per input, and equal the dense layer whose weight is
-    `dense_weight()` applied to ``torch.kron(u, v)``. A rank of min(p, q) represents every dense
+    ``dense_weight()`` applied to ``torch.kron(u, v)``. A rank of min(p, q) represents every dense
     weight (through its SVD); rank 1 is the cheapest.
 
-    `std` is the standard deviation of the entries of the dense weight at initialisation (default
+    ``std`` is the standard deviation of the entries of the dense weight at initialisation (default
     1/sqrt(p * q), as for a fan-in scaled dense layer); the factors are drawn Gaussian so that the
     dense entries have exactly that variance.
     """

@@ -3,8 +3,8 @@
 A step needs, for each input j of the batch, the neurons with P[r, j] > b. Two structures answer
 that query and both own the table, so that in-place row updates of P are seen by the next query:
 
-- `MaskSearch`: compares the whole column, O(m) per input; one vectorised op, best on small m.
-- `TreeSearch`: per input, a segment tree of maxima over the neurons (all n trees stored as one
+- ``MaskSearch``: compares the whole column, O(m) per input; one vectorised op, best on small m.
+- ``TreeSearch``: per input, a segment tree of maxima over the neurons (all n trees stored as one
   (2M, n) tensor whose bottom rows are P). A query descends only into subtrees whose maximum
   exceeds b, O(|active| log m) per input; changing k rows costs O(k n log m) to refresh maxima.
 """
@@ -63,7 +63,7 @@ class TreeSearch:
         return node - self.leaf0, pos
 
     def refresh(self, rows: Tensor) -> None:
-        """Recompute the maxima above the leaves of `rows` after those rows of P changed."""
+        """Recompute the maxima above the leaves of ``rows`` after those rows of P changed."""
         node = torch.unique((rows + self.leaf0) // 2)
         for _ in range(self.depth):
             self._tree[node] = torch.maximum(self._tree[2 * node], self._tree[2 * node + 1])

@@ -53,7 +53,7 @@ def compute_update(
 ) -> tuple[StepResult, Update]:
     """Loss, predictions and SGD update from the active pairs (rows[i], pos[i]) and their pre-activations.
 
-    `pre[i]` is <w_rows[i], x_cols[pos[i]]> and exceeds `shift`; `cols` are the batch's input indices.
+    ``pre[i]`` is <w_rows[i], x_cols[pos[i]]> and exceeds ``shift``; ``cols`` are the batch's input indices.
     """
     m, size = signs.numel(), cols.numel()
     scale = 1.0 / math.sqrt(m)
@@ -78,9 +78,9 @@ class KronTwoLayerSGD:
 
     A step costs O(pairs * n) for the update, pairs = S * (active neurons per input), plus the
     search: O(S m) for the mask, O(pairs log m) query + O(pairs n log m) refresh for the tree.
-    `first_layer` gives the initial weights w_r(0) (a `KroneckerLinear` without bias, so their inner
-    products with the data cost O(m n rank (p + q))); `signs` are the fixed output signs a_r.
-    `search` picks the active-neuron structure: "mask" (vectorised scan of the batch columns) or
+    ``first_layer`` gives the initial weights w_r(0) (a ``KroneckerLinear`` without bias, so their inner
+    products with the data cost O(m n rank (p + q))); ``signs`` are the fixed output signs a_r.
+    ``search`` picks the active-neuron structure: "mask" (vectorised scan of the batch columns) or
     "tree" (segment trees of maxima per input, output-sensitive). Both give the same iterates.
     """
 
@@ -131,7 +131,7 @@ class KronTwoLayerSGD:
         return self.search.values
 
     def step(self, cols: Tensor) -> StepResult:
-        """One SGD step on the inputs `cols`; returns the batch loss and predictions before the update."""
+        """One SGD step on the inputs ``cols``; returns the batch loss and predictions before the update."""
         rows, pos = self.search.query(cols, self.shift)
         result, update = compute_update(
             self.P[rows, cols[pos]], rows, pos, cols, self.targets, self.signs, self.shift, self.lr
@@ -163,7 +163,7 @@ class KronTwoLayerSGD:
 
 
 class DenseTwoLayerSGD:
-    """The baseline: the same network as `nn.Linear` + shifted ReLU + `torch.optim.SGD` on dense inputs.
+    """The baseline: the same network as ``nn.Linear`` + shifted ReLU + ``torch.optim.SGD`` on dense inputs.
 
     Each step materialises the batch's inputs from their factors (O(S d), below the O(S m d) of the
     layer itself), so the baseline needs no O(n d) copy of the data set.
@@ -193,7 +193,7 @@ class DenseTwoLayerSGD:
         return F.relu(self.linear(x) - self.shift) @ self.signs / math.sqrt(self.m)
 
     def step(self, cols: Tensor) -> StepResult:
-        """One SGD step on the inputs `cols`; returns the batch loss and predictions before the update."""
+        """One SGD step on the inputs ``cols``; returns the batch loss and predictions before the update."""
         pred = self.forward(self.data[cols].materialize())
         loss = 0.5 * ((pred - self.targets[cols]) ** 2).mean()
         self.optimizer.zero_grad(set_to_none=True)

@@ -43,7 +43,6 @@ from ._surrogate import (
 )
 from ._synapse import QuantizedLinear, quantize
 
-Tensor = torch.Tensor
 REDUCTIONS = ("count", "mean", "last")
 
 __all__ = [
@@ -97,7 +96,7 @@ class TimeGrid:
         """Length of one differentiable step in seconds."""
         return self.dt_fine * self.fine_per_coarse
 
-    def summarize(self, block: Tensor) -> Tensor:
+    def summarize(self, block: torch.Tensor) -> torch.Tensor:
         """Reduce a window ``(K, batch, features)`` to ``(batch, features)``."""
         if self.reduce == "count":
             return block.sum(0)
@@ -109,11 +108,11 @@ class TimeGrid:
 @dataclass
 class _LayerState:
     neuron: State
-    out: Tensor  # last window's output summary (differentiable)
-    fine_out: Tensor  # last fine step's output (recurrent input of the next fine step)
+    out: torch.Tensor  # last window's output summary (differentiable)
+    fine_out: torch.Tensor  # last fine step's output (recurrent input of the next fine step)
 
 
-def _splice(coarse: Tensor, fine: Tensor) -> Tensor:
+def _splice(coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
     """Value of ``fine``, gradient of ``coarse``."""
     return coarse + (fine - coarse).detach()
 
@@ -135,23 +134,23 @@ class SpikingLayer(nn.Module):
             raise ValueError("a Readout layer cannot be recurrent: pass recurrent=None")
         self.synapse, self.neuron, self.recurrent = synapse, neuron, recurrent
 
-    def init_state(self, batch: int, like: Tensor) -> _LayerState:
+    def init_state(self, batch: int, like: torch.Tensor) -> _LayerState:
         """Zero neuron state, input current and spikes for ``batch`` samples, like ``like``."""
         zero = like.new_zeros(batch, self.neuron.size)
         return _LayerState(self.neuron.init_state(batch, like), zero, zero)
 
-    def weights(self) -> tuple[Tensor, Tensor | None]:
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Effective (quantized) weights, computed once per sequence and reused by every step."""
         rec = None if self.recurrent is None else self.recurrent.effective_weight()
         return self.synapse.effective_weight(), rec
 
-    def _drive(self, x: Tensor, rec_in: Tensor, w: tuple[Tensor, Tensor | None]) -> Tensor:
+    def _drive(self, x: torch.Tensor, rec_in: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         drive = self.synapse(x, w[0])
         return drive if self.recurrent is None else drive + self.recurrent(rec_in, w[1])
 
     def fine_window(
-        self, st: _LayerState, x: Tensor, w: tuple[Tensor, Tensor | None], dt: float
-    ) -> tuple[_LayerState, Tensor, Tensor | None]:
+        self, st: _LayerState, x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor | None], dt: float
+    ) -> tuple[_LayerState, torch.Tensor, torch.Tensor | None]:
         """Run one window's fine steps (callers wrap it in ``no_grad``); ``x`` is ``(K, B, in)``.
 
         Returns the end state, the outputs ``(K, B, size)`` (spikes, or the readout membrane) and
@@ -176,7 +175,7 @@ class SpikingLayer(nn.Module):
         return _LayerState(state, st.out, prev), torch.stack(outs), torch.stack(slopes) if slopes else None
 
     def exact_step(
-        self, st: _LayerState, x: Tensor, w: tuple[Tensor, Tensor | None], dt: float
+        self, st: _LayerState, x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor | None], dt: float
     ) -> _LayerState:
         """One differentiable fine step (``fine_per_coarse = 1``): plain BPTT."""
         state, out = self.neuron.step(st.neuron, self._drive(x, st.out, w), dt)
@@ -185,13 +184,13 @@ class SpikingLayer(nn.Module):
     def coarse_step(
         self,
         st: _LayerState,
-        x: Tensor,
-        w: tuple[Tensor, Tensor | None],
+        x: torch.Tensor,
+        w: tuple[torch.Tensor, torch.Tensor | None],
         dt: float,
         fine: _LayerState,
-        summary: Tensor,
-        count: Tensor,
-        gain: Tensor | None,
+        summary: torch.Tensor,
+        count: torch.Tensor,
+        gain: torch.Tensor | None,
     ) -> _LayerState:
         """One differentiable coarse step of length ``dt`` on the window's summary ``x``, spliced onto
         the fine window's end state ``fine`` and output ``summary``.
@@ -233,7 +232,7 @@ class SpikingNetwork(nn.Module):
         """The surrogates of all spiking layers (for :func:`check_hypergrad_support`)."""
         return [layer.neuron.sur for layer in self.layers if layer.neuron.spiking]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Readout of input spikes ``x`` (time, batch, features): fine-step values, coarse-grid gradients."""
         k = self.grid.fine_per_coarse
         if x.dim() != 3 or x.shape[0] % k:
@@ -250,8 +249,8 @@ class SpikingNetwork(nn.Module):
         return torch.stack(outputs)
 
     def _window(
-        self, states: list[_LayerState], block: Tensor, weights: list[tuple[Tensor, Tensor | None]]
-    ) -> tuple[list[_LayerState], Tensor]:
+        self, states: list[_LayerState], block: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]
+    ) -> tuple[list[_LayerState], torch.Tensor]:
         grid = self.grid
         inp, exact = grid.summarize(block), grid.fine_per_coarse == 1
         fine = []

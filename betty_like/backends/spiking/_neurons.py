@@ -20,8 +20,12 @@ from torch import nn
 
 from ._surrogate import Surrogate, spike, surrogate
 
-Tensor = torch.Tensor
-State = tuple[Tensor, ...]
+State = tuple[torch.Tensor, ...]
+
+
+def _membrane_noise(v: torch.Tensor, sigma: float, noise: bool) -> torch.Tensor:
+    """``v + sigma * N(0, 1)`` elementwise when ``noise`` is on and ``sigma > 0``, else ``v`` unchanged."""
+    return v + sigma * torch.randn_like(v) if noise and sigma > 0 else v
 
 
 def _check_positive(**values: float) -> None:
@@ -63,33 +67,33 @@ class Neuron(nn.Module, ABC):
         hypergradient methods that differentiate through gradients of this neuron."""
         return not self.sur.second_order
 
-    def init_state(self, batch: int, like: Tensor) -> State:
+    def init_state(self, batch: int, like: torch.Tensor) -> State:
         """Zero state for ``batch`` samples, on ``like``'s device and dtype."""
         zero = like.new_zeros(batch, self.size)
         return (zero, zero)
 
-    def _current(self, i: Tensor, drive: Tensor, dt: float) -> Tensor:
+    def _current(self, i: torch.Tensor, drive: torch.Tensor, dt: float) -> torch.Tensor:
         return torch.exp(-dt / self.log_tau_syn.exp()) * i + drive
 
-    def _noise(self, v: Tensor, noise: bool) -> Tensor:
-        return v + self.c2c_sigma * torch.randn_like(v) if noise and self.c2c_sigma > 0 else v
+    def _noise(self, v: torch.Tensor, noise: bool) -> torch.Tensor:
+        return _membrane_noise(v, self.c2c_sigma, noise)
 
-    def distance(self, state: State) -> Tensor:
+    def distance(self, state: State) -> torch.Tensor:
         """Signed distance of the membrane (last state entry) from the threshold, before reset."""
         return state[-1] - self.threshold * self.d2d
 
-    def step(self, state: State, drive: Tensor, dt: float, noise: bool = True) -> tuple[State, Tensor]:
+    def step(self, state: State, drive: torch.Tensor, dt: float, noise: bool = True) -> tuple[State, torch.Tensor]:
         """One step of length ``dt``: integrate, fire, reset; returns the new state and the spikes."""
         state = self.integrate(state, drive, dt, noise)
         s = spike(self.distance(state), self.sur)
         return self.reset(state, s.detach()), s
 
     @abstractmethod
-    def integrate(self, state: State, drive: Tensor, dt: float, noise: bool) -> State:
+    def integrate(self, state: State, drive: torch.Tensor, dt: float, noise: bool) -> State:
         """The state after one step, before any spike resets it."""
 
     @abstractmethod
-    def reset(self, state: State, fired: Tensor) -> State:
+    def reset(self, state: State, fired: torch.Tensor) -> State:
         """The state after ``fired`` (a detached spike, or a window's spike count) reset it."""
 
 
@@ -120,13 +124,13 @@ class LIF(Neuron):
         self.reset_mode = reset
         self.log_tau_mem = nn.Parameter(torch.full((size,), float(tau_mem)).log())
 
-    def integrate(self, state: State, drive: Tensor, dt: float, noise: bool) -> State:
+    def integrate(self, state: State, drive: torch.Tensor, dt: float, noise: bool) -> State:
         i, u = state
         i = self._current(i, drive, dt)
         b = torch.exp(-dt / self.log_tau_mem.exp())
         return i, self._noise(b * u + (1.0 - b) * i, noise)
 
-    def reset(self, state: State, fired: Tensor) -> State:
+    def reset(self, state: State, fired: torch.Tensor) -> State:
         i, u = state
         if self.reset_mode == "subtract":
             return i, u - self.threshold * self.d2d * fired
@@ -177,12 +181,12 @@ class FeLIF(Neuron):
         self.log_tau_sw = nn.Parameter(torch.full((size,), float(tau_sw)).log())
         self.log_tau_leak = nn.Parameter(torch.full((size,), float(tau_leak)).log())
 
-    def init_state(self, batch: int, like: Tensor) -> State:
+    def init_state(self, batch: int, like: torch.Tensor) -> State:
         """Zero current, fully erased polarization ``-P_s``."""
         zero = like.new_zeros(batch, self.size)
         return (zero, zero - self.p_sat)
 
-    def integrate(self, state: State, drive: Tensor, dt: float, noise: bool) -> State:
+    def integrate(self, state: State, drive: torch.Tensor, dt: float, noise: bool) -> State:
         i, p = state
         i = self._current(i, drive, dt)
         up = self.p_sat * torch.tanh((i - self.e_coercive) / self.width)
@@ -192,7 +196,7 @@ class FeLIF(Neuron):
         keep = torch.exp(-dt / self.log_tau_leak.exp())
         return i, self._noise(-self.p_sat + keep * (p + self.p_sat), noise)
 
-    def reset(self, state: State, fired: Tensor) -> State:
+    def reset(self, state: State, fired: torch.Tensor) -> State:
         i, p = state
         return i, p - fired.clamp(max=1.0) * (p + self.p_sat)
 
@@ -201,28 +205,30 @@ class Readout(nn.Module):
     """Non-spiking leaky integrator read out as the network's output (logits).
 
     ``u <- b u + drive`` with ``b = exp(-dt/tau)``: the input enters as a jump, so a window's spike
-    count drives the coarse step like the sum of its fine steps.
+    count drives the coarse step like the sum of its fine steps. ``c2c_sigma`` is the membrane's
+    cycle-to-cycle noise, as for the spiking neurons: ``sigma * N(0, 1)`` added to ``u`` on every step
+    taken with ``noise=True`` (it stays in the membrane and decays with it); 0, the default, makes the
+    readout an ideal integrator.
     """
 
     spiking = False
 
-    def __init__(self, size: int, tau: float = 20e-3) -> None:
+    def __init__(self, size: int, tau: float = 20e-3, c2c_sigma: float = 0.0) -> None:
         super().__init__()
         _check_positive(tau=tau)
+        if c2c_sigma < 0:
+            raise ValueError(f"Readout noise level must be >= 0, got c2c_sigma={c2c_sigma} (0 disables it)")
         self.size = size
+        self.c2c_sigma = c2c_sigma
         self.log_tau = nn.Parameter(torch.full((size,), float(tau)).log())
 
-    def init_state(self, batch: int, like: Tensor) -> State:
+    def init_state(self, batch: int, like: torch.Tensor) -> State:
         """Zero membrane."""
         return (like.new_zeros(batch, self.size),)
 
-    def step(self, state: State, drive: Tensor, dt: float, noise: bool = True) -> tuple[State, Tensor]:
-        """One step; the output is the membrane itself.
-
-        ``noise`` is accepted for the neurons' common ``step`` signature and has no effect: the readout
-        is an ideal integrator (device noise is modelled in the spiking layers it reads).
-        """
-        u = torch.exp(-dt / self.log_tau.exp()) * state[0] + drive
+    def step(self, state: State, drive: torch.Tensor, dt: float, noise: bool = True) -> tuple[State, torch.Tensor]:
+        """One step; the output is the membrane itself, with its noise when ``noise`` is on."""
+        u = _membrane_noise(torch.exp(-dt / self.log_tau.exp()) * state[0] + drive, self.c2c_sigma, noise)
         return (u,), u
 
 

@@ -18,8 +18,6 @@ import torch
 
 from ...hypergrad import METHODS, get_method
 
-Tensor = torch.Tensor
-
 # Hypergradient methods (ProblemConfig.hypergrad) that differentiate through gradients and so need a
 # second derivative of every op on the path, spike surrogates included: read from the method
 # registry's own ``second_order`` flags, the one source of truth (``first_order`` is among them: it
@@ -27,19 +25,19 @@ Tensor = torch.Tensor
 SECOND_ORDER_METHODS = tuple(name for name, method in METHODS.items() if method.second_order)
 
 
-def _fast_sigmoid(x: Tensor, slope: Tensor | float) -> Tensor:
+def _fast_sigmoid(x: torch.Tensor, slope: torch.Tensor | float) -> torch.Tensor:
     return 1.0 / (1.0 + slope * x.abs()) ** 2
 
 
-def _arctan(x: Tensor, slope: Tensor | float) -> Tensor:
+def _arctan(x: torch.Tensor, slope: torch.Tensor | float) -> torch.Tensor:
     return (slope / 2.0) / (1.0 + (math.pi / 2.0 * slope * x) ** 2)
 
 
-def _triangle(x: Tensor, slope: Tensor | float) -> Tensor:
+def _triangle(x: torch.Tensor, slope: torch.Tensor | float) -> torch.Tensor:
     return slope * torch.clamp(1.0 - slope * x.abs(), min=0.0)
 
 
-def _straight_through(x: Tensor, slope: Tensor | float) -> Tensor:
+def _straight_through(x: torch.Tensor, slope: torch.Tensor | float) -> torch.Tensor:
     return slope * (x.abs() < 0.5 / slope).to(x.dtype)
 
 
@@ -57,15 +55,15 @@ class Surrogate:
     """
 
     name: str
-    slope: Tensor | float
+    slope: torch.Tensor | float
     second_order: bool
 
-    def derivative(self, x: Tensor) -> Tensor:
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """``g'(x)``, the surrogate derivative used in place of the Dirac delta."""
         return _DERIVATIVES[self.name](x, self.slope)
 
 
-_DERIVATIVES: dict[str, Callable[[Tensor, Tensor | float], Tensor]] = {
+_DERIVATIVES: dict[str, Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]] = {
     "fast_sigmoid": _fast_sigmoid,
     "arctan": _arctan,
     "triangle": _triangle,
@@ -77,7 +75,7 @@ DEFAULT_SLOPES = {"fast_sigmoid": 25.0, "arctan": 2.0, "triangle": 1.0, "straigh
 _FIRST_ORDER_ONLY = frozenset({"straight_through"})
 
 
-def surrogate(name: str = "fast_sigmoid", slope: Tensor | float | None = None) -> Surrogate:
+def surrogate(name: str = "fast_sigmoid", slope: torch.Tensor | float | None = None) -> Surrogate:
     """Build a surrogate by name; ``slope=None`` takes the default for that surrogate.
 
     Formulas (``b`` = slope): fast sigmoid ``1 / (1 + b|x|)^2``; arctan
@@ -87,7 +85,7 @@ def surrogate(name: str = "fast_sigmoid", slope: Tensor | float | None = None) -
     if name not in _DERIVATIVES:
         raise ValueError(f"unknown surrogate {name!r}: choose one of {sorted(_DERIVATIVES)}")
     slope = DEFAULT_SLOPES[name] if slope is None else slope
-    if not isinstance(slope, Tensor) and slope <= 0:
+    if not isinstance(slope, torch.Tensor) and slope <= 0:
         raise ValueError(f"surrogate slope={slope!r} must be positive")
     return Surrogate(name, slope, second_order=name not in _FIRST_ORDER_ONLY)
 
@@ -111,17 +109,17 @@ class _Spike(torch.autograd.Function):
     """Heaviside forward, ``grad * g'(x)`` backward (differentiable, so double backward works)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, sur: Surrogate) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, sur: Surrogate) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x)
         ctx.sur = sur
         return (x > 0).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         return grad * ctx.sur.derivative(x), None
 
 
-def spike(x: Tensor, sur: Surrogate) -> Tensor:
+def spike(x: torch.Tensor, sur: Surrogate) -> torch.Tensor:
     """Return ``1[x > 0]`` with the surrogate derivative ``sur`` in the backward pass."""
     return _Spike.apply(x, sur)

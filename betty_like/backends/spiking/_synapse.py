@@ -14,10 +14,8 @@ import math
 import torch
 from torch import nn
 
-Tensor = torch.Tensor
 
-
-def quantize(w: Tensor, bits: int, w_max: float) -> Tensor:
+def quantize(w: torch.Tensor, bits: int, w_max: float) -> torch.Tensor:
     """Snap ``w`` to ``2**bits`` levels in ``[-w_max, w_max]``; straight-through gradient.
 
     The rounding is replaced by the identity in backward (it is also its own derivative in double
@@ -70,12 +68,12 @@ class QuantizedLinear(nn.Module):
         d2d = 1.0 + d2d_sigma * torch.randn(out_features, in_features, generator=gen)
         self.register_buffer("d2d", d2d)
 
-    def effective_weight(self) -> Tensor:
+    def effective_weight(self) -> torch.Tensor:
         """The weight the device applies: quantized, times its fixed device-to-device factor."""
         w = self.weight if self.bits is None else quantize(self.weight, self.bits, self.w_max)
         return w * self.d2d
 
-    def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the synapses; ``weight`` reuses an :meth:`effective_weight` computed once per window."""
         w = self.effective_weight() if weight is None else weight
         if self.c2c_sigma > 0:
