@@ -27,48 +27,20 @@ import argparse
 import functools
 import os
 import platform
-import resource
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peers.common import child_output, maxrss_mb, med, ratio, spread, use_peer_paths
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, os.environ.get("BETTY_PATH", str(ROOT / ".venv-peers" / "betty")))
+use_peer_paths()
 
 RESULTS = Path(__file__).parent / "results" / "vs_peers.md"
 PLOT = RESULTS.with_suffix(".png")
 MEMORY_PLOT = RESULTS.with_name("vs_peers_memory.png")
 QUICK = False
-
-
-def maxrss_mb() -> float:
-    """Peak resident set size of this process in MB: ``VmHWM`` from /proc (Linux), else ``ru_maxrss``.
-
-    ``ru_maxrss`` survives ``execve`` on Linux, so a child forked from a large parent starts at the
-    parent's size; ``VmHWM`` belongs to the new address space and starts fresh.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def med(xs):
-    return statistics.median(xs)
-
-
-def spread(xs):
-    return f"{med(xs):.3g} [{min(xs):.3g}-{max(xs):.3g}]"
 
 
 # =========================================================================== row 1: Meta-Weight-Net
@@ -498,15 +470,7 @@ def plot_memory(Ks, memory):
 
 # =========================================================================== memory children
 def child_memory(args) -> float:
-    cmd = [sys.executable, __file__, "--child", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-# =========================================================================== report
-def ratio(a, b):
-    r = [x / y for x, y in zip(a, b, strict=False)]
-    return f"{med(r):.2f} [{min(r):.2f}-{max(r):.2f}]"
+    return float(child_output(__file__, args))
 
 
 def main(argv=None):
