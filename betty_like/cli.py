@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 import sys
 import types
 import typing
@@ -107,10 +108,41 @@ def _problem(name: str, spec: DictConfig, config: ProblemConfig) -> Any:
     return cls(name, module=module, optimizer=optimizer, scheduler=scheduler, data=data, config=config, **extra)
 
 
+def _targets(node: Any) -> list[str]:
+    """Every ``_target_`` string in a config subtree."""
+    if isinstance(node, dict):
+        own = [node["_target_"]] if isinstance(node.get("_target_"), str) else []
+        return own + [t for v in node.values() for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _targets(v)]
+    return []
+
+
+def _check_importable(cfg: DictConfig) -> None:
+    """Fail before building anything when a ``_target_``'s top-level module cannot be imported from here.
+
+    The packaged experiments name ``examples.<name>``, which lives in the repository, not in the wheel:
+    run from elsewhere, Hydra's own error would only say the target could not be located.
+    """
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    for target in _targets([tree.get("build"), tree.get("callbacks")]):
+        top = target.split(".")[0]
+        if importlib.util.find_spec(top) is not None:
+            continue
+        fix = (
+            "the packaged experiments use the repository's examples/ folder: run betty-like from the repository "
+            "root, or point build._target_ at your own module"
+            if top == "examples"
+            else f"install {top!r} or run from the directory that holds it"
+        )
+        raise ValueError(f"experiment target {target!r}: module {top!r} is not importable from {Path.cwd()}; {fix}")
+
+
 def build(cfg: DictConfig) -> Engine:
     """The engine an experiment config describes (see the module docstring)."""
     if "build" not in cfg or not cfg.build:
         raise ValueError("the config has no problems: choose an experiment, e.g. experiment=reweight_digits")
+    _check_importable(cfg)
     configs = {name: ProblemConfig(**_plain(spec)) for name, spec in cfg.get("problem", {}).items()}
     if "_target_" in cfg.build:  # one factory builds every problem
         problems = instantiate(cfg.build, _partial_=True)(configs=configs)

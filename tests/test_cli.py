@@ -140,3 +140,14 @@ def test_without_an_experiment_it_says_to_choose_one():
 
     with pytest.raises(ValueError, match="choose an experiment, e.g. experiment=reweight_digits"):
         build(compose())
+
+
+def test_outside_the_repository_a_packaged_experiment_says_where_its_examples_live(tmp_path):
+    # the packaged experiments name examples.<name>, which is in the repository, not in the wheel
+    result = subprocess.run(
+        [sys.executable, "-m", "betty_like", "experiment=reweight_digits", *TINY],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "module 'examples' is not importable" in result.stderr
+    assert "run betty-like from the repository root, or point build._target_ at your own module" in result.stderr
