@@ -119,8 +119,18 @@ def batches(data: KronData, y: torch.Tensor, size: int) -> list[tuple[torch.Tens
     return [(data.U[i : i + size], data.V[i : i + size], y[i : i + size]) for i in range(0, data.n, size)]
 
 
-def problems(configs: Mapping[str, ProblemConfig], m: int = 256, start: float = 1.5, lr: float = 5.0, seed: int = 0) -> list[Problem]:
-    """The threshold (upper) and fit (lower) problems: the CLI experiment's factory and ``learn_threshold``'s."""
+def problems(
+    configs: Mapping[str, ProblemConfig],
+    m: int = 256,
+    start: float = 1.5,
+    lr: float = 5.0,
+    seed: int = 0,
+    threshold_lr: float = 0.05,
+) -> list[Problem]:
+    """The threshold (upper) and fit (lower) problems: the CLI experiment's factory and ``learn_threshold``'s.
+
+    ``threshold_lr=0`` keeps b at ``start``: the same program with the upper level switched off.
+    """
     torch.manual_seed(seed)
     train, y, valid, y_valid = digit_pairs(1024, 512, seed=seed)
     net, shift = PairNet(64, 64, m), Shift(start)
@@ -134,18 +144,18 @@ def problems(configs: Mapping[str, ProblemConfig], m: int = 256, start: float = 
     threshold = Threshold(
         "threshold",
         module=shift,
-        optimizer=torch.optim.Adam(shift.parameters(), lr=0.05),
+        optimizer=torch.optim.Adam(shift.parameters(), lr=threshold_lr),
         data=batches(valid, y_valid, 128),
         config=configs.get("threshold", ProblemConfig()),
     )
     return [threshold, fit]
 
 
-def learn_threshold(
-    iters: int = 150, m: int = 256, start: float = 1.5, lr: float = 5.0, seed: int = 0
+def train_pairs(
+    iters: int = 150, m: int = 256, start: float = 1.5, lr: float = 5.0, seed: int = 0, threshold_lr: float = 0.05
 ) -> dict:
-    """Fit the pair network while the upper level tunes its threshold b; returns b and held-out losses."""
-    threshold, fit = problems({}, m, start, lr, seed)
+    """One bilevel run; returns the final b, held-out loss and accuracy, and the engine's history."""
+    threshold, fit = problems({}, m, start, lr, seed, threshold_lr)
     _, _, valid, y_valid = digit_pairs(1024, 512, seed=seed)
     net, shift = fit.module, threshold.module
     engine = Engine(
@@ -155,11 +165,25 @@ def learn_threshold(
     )
     engine.run()
     with torch.no_grad():
-        valid_loss = 0.5 * ((net(valid.U, valid.V, shift.value) - y_valid) ** 2).mean().item()
-        accuracy = (torch.sign(net(valid.U, valid.V, shift.value)) == y_valid).float().mean().item()
-    print(f"learned threshold b: {start:.3f} -> {shift.value.item():.3f}")
-    print(f"held-out loss {valid_loss:.4f}, held-out accuracy {accuracy:.3f}")
+        out = net(valid.U, valid.V, shift.value)
+        valid_loss = 0.5 * ((out - y_valid) ** 2).mean().item()
+        accuracy = (torch.sign(out) == y_valid).float().mean().item()
     return {"shift": shift.value.item(), "valid_loss": valid_loss, "accuracy": accuracy, "history": engine.history}
+
+
+def learn_threshold(
+    iters: int = 150, m: int = 256, start: float = 1.5, lr: float = 5.0, seed: int = 0
+) -> dict:
+    """Learn b, and run the same program with b fixed at ``start`` (the baseline) for comparison.
+
+    Returns the learned run's results with the baseline's under ``"baseline"``.
+    """
+    learned = train_pairs(iters, m, start, lr, seed)
+    baseline = train_pairs(iters, m, start, lr, seed, threshold_lr=0.0)
+    print(f"learned threshold b: {start:.3f} -> {learned['shift']:.3f}")
+    for name, run in (("learned b", learned), (f"fixed b = {start}", baseline)):
+        print(f"{name:>14}: held-out loss {run['valid_loss']:.4f}, held-out accuracy {run['accuracy']:.3f}")
+    return {**learned, "baseline": baseline}
 
 
 if __name__ == "__main__":

@@ -199,13 +199,14 @@ def test_async_rejects_bad_configuration():
         async_sgd(make("tree"), schedule)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_bilevel_threshold_learning_on_digit_pairs():
-    """The upper level moves b by unrolled hypergradients and the lower network beats the zero predictor."""
+    """The upper level moves b by unrolled hypergradients and beats the same program with b fixed."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
     from kron_pairs import learn_threshold
 
-    result = learn_threshold(iters=40, m=128, start=1.5)
+    result = learn_threshold(iters=150, m=128, start=1.5)
     assert abs(result["shift"] - 1.5) > 0.05  # the hypergradient reached b
+    assert result["baseline"]["shift"] == 1.5  # threshold_lr=0 really keeps b fixed
+    assert result["valid_loss"] < result["baseline"]["valid_loss"]
     assert result["valid_loss"] < 0.45  # predicting 0 for labels +-1 gives 0.5
-    assert result["accuracy"] > 0.6
