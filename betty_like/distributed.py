@@ -6,7 +6,8 @@ explicit and the arithmetic is that of one process:
 
 - each global batch is split by rank (``tensor_split`` along dim 0, no padding duplicates), and every
   loss is multiplied by its shard's share ``n_rank / n_global``, so the *sum* over ranks of every
-  loss, gradient, Hessian-vector product and mixed derivative is its global value;
+  loss, gradient, Hessian-vector product and mixed derivative is its global value (the same shards,
+  all of them in one process, are ``ProblemConfig(accumulate_steps=n)``: :func:`~._data.split_batch`);
 - a step's gradient (and its loss, for the record) is sum-all-reduced in one flat buffer; an unrolled
   step's gradient by a differentiable all-reduce (its backward is the same all-reduce);
 - a push sum-reduces the vector it is given, every Hessian-vector product of its solve (through the
