@@ -373,7 +373,9 @@ class Engine:
             self._windows[name] = Window.opened(setup.leaves, setup.functional)
         return self._windows[name]
 
-    def _bound_loss(self, name: str, loss_scale: float, values: Params, batch: Any = None, split: bool = False) -> Any:
+    def _bound_loss(
+        self, name: str, loss_scale: float, values: Params | list[Params], batch: Any = None, split: bool = False
+    ) -> Any:
         """``name``'s loss on ``batch`` (default: its current one, drawn now if none) at ``values``, scaled; ``split``: its output_loss."""
         if batch is None and name not in self._batches:
             self._batches[name] = self._setups[name].stream.next(self.iteration + 1)
@@ -382,7 +384,7 @@ class Engine:
             return self._evaluations.call(name, partial(split_loss, self.problems[name], self._modules, values, batch, factor))
         return self._evaluations.call(name, partial(self._accumulated, name, batch, values, factor))
 
-    def _accumulated(self, name: str, batch: Any, values: Params | None, factor: float) -> Tensor:
+    def _accumulated(self, name: str, batch: Any, values: Params | list[Params] | None, factor: float) -> Tensor:
         """The sum over ``accumulate_steps`` shards of ``batch`` of the loss times ``factor`` times the shard's share.
 
         The shards and shares are those of data parallel over as many ranks, and every shard reads its own
@@ -394,10 +396,11 @@ class Engine:
         if parts == 1:
             loss = self._loss(name, batch, values)
             return loss if factor == 1.0 else loss * factor
-        values = self.current_params() if values is None else values
+        if not isinstance(values, list):  # the traversal gives one mapping per shard (its best responses' inputs)
+            values = [self.current_params() if values is None else values] * parts
         total = None
-        for shard, share in split_batch(batch, parts):
-            loss = self._loss(name, shard, {k: t.view_as(t) for k, t in values.items()}) * (factor * share)
+        for (shard, share), own in zip(split_batch(batch, parts), values, strict=True):
+            loss = self._loss(name, shard, {k: t.view_as(t) for k, t in own.items()}) * (factor * share)
             total = loss if total is None else total + loss
         return total
 
