@@ -9,6 +9,44 @@ from typing import Any
 import torch
 
 
+def split_batch(batch: Any, parts: int) -> list[tuple[Any, float]]:
+    """``batch`` cut into ``parts`` shards along dim 0, each with its share ``n_shard / n_batch``.
+
+    ``tensor_split`` sizes (no padding duplicates, unequal shards for an indivisible size) in every
+    tensor of a (nested) tuple, list or dict; other leaves go to every shard whole. Data parallel takes
+    shard ``rank`` of ``world`` (:class:`~betty_like.distributed.DataParallel`), and
+    ``ProblemConfig(accumulate_steps=n)`` all ``n`` of them: the same shards and shares, so one process
+    with ``n`` micro-batches computes what ``n`` ranks compute.
+    """
+    sizes: list[int] = []
+
+    def split(b: Any) -> list[Any]:
+        if torch.is_tensor(b) and b.dim() > 0:
+            sizes.append(b.shape[0])
+            return list(torch.tensor_split(b, parts))
+        if isinstance(b, (list, tuple)):
+            return [type(b)(column) for column in zip(*(split(x) for x in b), strict=True)] if b else [b] * parts
+        if isinstance(b, Mapping):
+            keys, columns = list(b), [split(v) for v in b.values()]
+            return [dict(zip(keys, column, strict=True)) for column in zip(*columns, strict=True)] if b else [b] * parts
+        return [b] * parts
+
+    shards = split(batch)
+    if not sizes:
+        raise ValueError(
+            f"splitting a batch into {parts} shards (data parallel or accumulate_steps) needs tensors with a batch "
+            f"dimension (dim 0) in it, got {type(batch).__name__} holding none"
+        )
+    total = sizes[0]
+    return [(shard, _share(total, parts, index)) for index, shard in enumerate(shards)]
+
+
+def _share(total: int, parts: int, index: int) -> float:
+    """``tensor_split``'s size of shard ``index`` over the total."""
+    base, extra = divmod(total, parts)
+    return (base + (1 if index < extra else 0)) / total
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor inside a (nested) tuple, list or dict batch to ``device``."""
     if torch.is_tensor(batch):

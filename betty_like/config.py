@@ -134,6 +134,13 @@ class ProblemConfig:
             differentiates this problem's solution: ``"fp32"`` (its loss evaluated again without
             autocast for Hessian-vector products, finite differences and kept unrolled graphs:
             default) or ``"autocast"`` (the low-precision graph itself: cheaper, less accurate).
+        accumulate_steps: split each of this problem's batches into this many micro-batches along dim 0
+            (``tensor_split`` shards, as data parallel splits a global batch over ranks) and take its loss as
+            the sum of the shards' losses, each scaled by its share ``n_shard / n_batch``: the arithmetic of
+            ``accumulate_steps`` data-parallel ranks, in one process (every derivative of the loss, by any
+            method, is a sum over shards of per-shard derivatives). ``1``: the whole batch at once. Captured
+            steps, compiled Hessian-vector products, Gauss-Newton curvature and ``kfac`` take the whole batch,
+            so they are refused with it. See ``docs/distributed.md``.
     """
 
     hypergrad: str = "unroll"
@@ -162,6 +169,7 @@ class ProblemConfig:
     curvature: str = "hessian"
     kfac_refresh: int = 1
     kfac_damping: float | None = None
+    accumulate_steps: int = 1
 
     def __post_init__(self) -> None:
         owner = "ProblemConfig"
@@ -248,6 +256,34 @@ class ProblemConfig:
             f"choose one of {list(EXECUTIONS)}",
         )
         _check_solver_options(owner, self)
+        _check_accumulation(owner, self)
+
+
+def _check_accumulation(owner: str, config: ProblemConfig) -> None:
+    """``accumulate_steps``: an integer >= 1, and > 1 only with what evaluates the loss shard by shard."""
+    _positive_int(owner, "accumulate_steps", config.accumulate_steps)
+    if config.accumulate_steps == 1:
+        return
+    whole_batch = {
+        "execution": (config.execution != "eager", "a captured step runs the whole batch; use execution='eager'"),
+        "compile_hypergrad": (
+            config.compile_hypergrad is not False,
+            "compiled Hessian-vector products take the whole batch; use compile_hypergrad=False",
+        ),
+        "curvature": (
+            config.curvature == "gauss_newton",
+            "Gauss-Newton products split the whole batch's output_loss; use curvature='hessian'",
+        ),
+        "hypergrad": (
+            config.hypergrad == "kfac",
+            "kfac's factors and products read the whole batch's output_loss; use hypergrad='cg'",
+        ),
+    }
+    for name, (refused, fix) in whole_batch.items():
+        _require(
+            not refused, owner, name, getattr(config, name),
+            f"with accumulate_steps={config.accumulate_steps} {fix}, or accumulate_steps=1",
+        )
 
 
 def _check_solver_options(owner: str, config: ProblemConfig) -> None:

@@ -6,7 +6,8 @@ explicit and the arithmetic is that of one process:
 
 - each global batch is split by rank (``tensor_split`` along dim 0, no padding duplicates), and every
   loss is multiplied by its shard's share ``n_rank / n_global``, so the *sum* over ranks of every
-  loss, gradient, Hessian-vector product and mixed derivative is its global value;
+  loss, gradient, Hessian-vector product and mixed derivative is its global value (the same shards,
+  all of them in one process, are ``ProblemConfig(accumulate_steps=n)``: :func:`~._data.split_batch`);
 - a step's gradient (and its loss, for the record) is sum-all-reduced in one flat buffer; an unrolled
   step's gradient by a differentiable all-reduce (its backward is the same all-reduce);
 - a push sum-reduces the vector it is given, every Hessian-vector product of its solve (through the
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._data import split_batch
 from .hypergrad._linsolve import MatVec
 from .hypergrad._tree import Params
 
@@ -89,23 +91,7 @@ class DataParallel:
         """This rank's part of a global batch and its share ``n_rank / n_global`` (1.0 in one process)."""
         if not self.active:
             return batch, 1.0
-        sizes = []
-
-        def split(b: Any) -> Any:
-            if torch.is_tensor(b) and b.dim() > 0:
-                sizes.append(b.shape[0])
-                return torch.tensor_split(b, self.world)[self.rank]
-            if isinstance(b, (list, tuple)):
-                return type(b)(split(x) for x in b)
-            if isinstance(b, dict):
-                return {k: split(v) for k, v in b.items()}
-            return b
-
-        local = split(batch)
-        if not sizes:
-            raise ValueError("data parallel needs batches holding tensors with a batch dimension (dim 0) to split")
-        total = sizes[0]
-        return local, _share(total, self.world, self.rank)
+        return split_batch(batch, self.world)[self.rank]
 
     def reduce(self, loss: Tensor, gradient: Params) -> tuple[Tensor, Params]:
         """The global loss and gradient from this rank's shares: one flat sum (differentiable if it has a graph)."""
@@ -180,8 +166,3 @@ def check_exact(problem: str, method: str, optimizer: torch.optim.Optimizer, dat
         "parallel for any optimizer), or SGD with weight_decay=0"
     )
 
-
-def _share(total: int, world: int, rank: int) -> float:
-    """``tensor_split``'s size of shard ``rank`` over the total."""
-    base, extra = divmod(total, world)
-    return (base + (1 if rank < extra else 0)) / total

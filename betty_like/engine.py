@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ._audit import LossAudit
-from ._data import borrowed
+from ._data import borrowed, split_batch
 from ._evaluations import Evaluations
 from ._functional import ProblemModules
 from ._guards import WarnOnce, Where, guard, loss_value
@@ -373,14 +373,36 @@ class Engine:
             self._windows[name] = Window.opened(setup.leaves, setup.functional)
         return self._windows[name]
 
-    def _bound_loss(self, name: str, loss_scale: float, values: Params, batch: Any = None, split: bool = False) -> Any:
+    def _bound_loss(
+        self, name: str, loss_scale: float, values: Params | list[Params], batch: Any = None, split: bool = False
+    ) -> Any:
         """``name``'s loss on ``batch`` (default: its current one, drawn now if none) at ``values``, scaled; ``split``: its output_loss."""
         if batch is None and name not in self._batches:
             self._batches[name] = self._setups[name].stream.next(self.iteration + 1)
         batch, factor = self._batches[name] if batch is None else batch, loss_scale * self._setups[name].stream.share  # share: this rank's part
-        call = partial(split_loss, self.problems[name], self._modules, values, batch, factor) if split else partial(self._loss, name, batch, values)
-        loss = self._evaluations.call(name, call)
-        return loss if split or factor == 1.0 else loss * factor
+        if split:  # ProblemConfig refuses accumulate_steps > 1 with what splits the loss (Gauss-Newton, kfac)
+            return self._evaluations.call(name, partial(split_loss, self.problems[name], self._modules, values, batch, factor))
+        return self._evaluations.call(name, partial(self._accumulated, name, batch, values, factor))
+
+    def _accumulated(self, name: str, batch: Any, values: Params | list[Params] | None, factor: float) -> Tensor:
+        """The sum over ``accumulate_steps`` shards of ``batch`` of the loss times ``factor`` times the shard's share.
+
+        The shards and shares are those of data parallel over as many ranks, and every shard reads its own
+        alias (a view) of each parameter: a derivative of the sum reaches each parameter as one term per
+        shard, each summed over the shard's own uses first, the per-rank sum and then the sum over ranks
+        of data parallel. With one shard it is the loss of the batch times ``factor``.
+        """
+        parts = self.problems[name].config.accumulate_steps
+        if parts == 1:
+            loss = self._loss(name, batch, values)
+            return loss if factor == 1.0 else loss * factor
+        if not isinstance(values, list):  # the traversal gives one mapping per shard (its best responses' inputs)
+            values = [self.current_params() if values is None else values] * parts
+        total = None
+        for (shard, share), own in zip(split_batch(batch, parts), values, strict=True):
+            loss = self._loss(name, shard, {k: t.view_as(t) for k, t in own.items()}) * (factor * share)
+            total = loss if total is None else total + loss
+        return total
 
     def _loss(self, name: str, batch: Any, values: Params | None) -> Tensor:
         step = self.problems[name].training_step

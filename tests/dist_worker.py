@@ -85,8 +85,9 @@ class LogDecay(nn.Module):
         self.log_decay = nn.Parameter(torch.zeros(()))
 
 
-def build(scenario: str, distributed: bool, **engine: object) -> tuple[Engine, str]:
-    """The program of ``scenario`` and the name of the problem whose gradient is compared."""
+def build(scenario: str, distributed: bool, accumulate: int = 1, **engine: object) -> tuple[Engine, str]:
+    """The program of ``scenario`` and the name of the problem whose gradient is compared; every problem
+    splits its batches into ``accumulate`` micro-batches (``ProblemConfig.accumulate_steps``)."""
     method, _, variant = scenario.partition("/")
     x, y = load_digits(return_X_y=True)
     dtype = DTYPES.get(method, torch.float32)
@@ -97,24 +98,25 @@ def build(scenario: str, distributed: bool, **engine: object) -> tuple[Engine, s
     mlp = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
     mlp.to(dtype)
     weights = Logits(303).to(dtype)
-    config = ProblemConfig(**CONFIGS[method])
+    config = ProblemConfig(**CONFIGS[method], accumulate_steps=accumulate)
+    plain = ProblemConfig(accumulate_steps=accumulate)
     lower = WeightedMLP("mlp", module=mlp, optimizer=torch.optim.SGD(mlp.parameters(), lr=0.3), data=train, config=config)
     sgd = torch.optim.SGD(weights.parameters(), lr=10.0)
     settings = EngineConfig(**{"train_iters": ITERATIONS, "distributed": distributed, **engine})
     if variant == "masked":  # 50 / 49 shards: rank 0 holds the ones, rank 1 the zeros
         mask = (torch.arange(99) < 50).to(dtype)
-        upper = MaskedValidation("weights", module=weights, optimizer=sgd, data=[(*valid[0], mask)])
+        upper = MaskedValidation("weights", module=weights, optimizer=sgd, data=[(*valid[0], mask)], config=plain)
     elif variant == "3":
         decay = LogDecay().to(dtype)
         upper = DecayedValidation("weights", module=weights, optimizer=sgd, data=valid, config=config)
         # every second round, so that the lowest problem's steps read the middle one's updated weights first (with
         # unrolled middle and lowest levels, a top stepping every round would see no dependence on its parameter)
         top = Test("top", module=decay, optimizer=torch.optim.SGD(decay.parameters(), lr=1.0), data=[(x[500:599], y[500:599])],
-                   config=ProblemConfig(step_every=2))
+                   config=replace(plain, step_every=2))
         deps = {"u2l": {top: [upper], upper: [lower]}, "l2u": {lower: [upper, top], upper: [top]}}
         return Engine([top, upper, lower], deps, settings), "top"
     else:
-        upper = Validation("weights", module=weights, optimizer=sgd, data=valid)
+        upper = Validation("weights", module=weights, optimizer=sgd, data=valid, config=plain)
     built = Engine([upper, lower], {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}, settings)
     if variant == "betty":
         betty_average(built, lower.name)
@@ -136,9 +138,9 @@ def betty_average(engine: Engine, lower: str) -> None:
     engine._dist.push_wrap = lambda inner: lambda push: lambda ctx: inner(push)(replace(ctx, v=mean(ctx.v)))
 
 
-def run(scenario: str, distributed: bool) -> dict:
+def run(scenario: str, distributed: bool, accumulate: int = 1) -> dict:
     """Upper gradients of every iteration and the final parameters of every problem."""
-    engine, upper = build(scenario, distributed)
+    engine, upper = build(scenario, distributed, accumulate)
     gradients = []
     for _ in range(ITERATIONS):
         engine.run(1)

@@ -148,3 +148,44 @@ def test_captured_and_rematerialized_steps_are_refused_under_data_parallel(one_r
         bilevel(ProblemConfig(execution="compiled"))
     with pytest.raises(ValueError, match="unroll_memory='remat'.*data-parallel all-reduce"):
         bilevel(ProblemConfig(unroll_memory="remat"))
+
+
+# measured (docs/distributed.md, "Micro-batches in one process"): bit for bit, except the unrolled methods' windows
+# and, at three levels, darts' and sama's central differences (to float64 rounding)
+NOT_BIT_EXACT = {"unroll", "first_order", "unroll/3", "darts/3", "sama/3"}
+
+
+@pytest.fixture
+def one_thread():
+    """The ranks run with OMP_NUM_THREADS=1: a float32 matmul split over threads rounds differently."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_equal_to_micro_batches(ranks: list[dict], scenario: str) -> None:
+    """Both ranks' upper gradients of all iterations and final parameters against one process with
+    ``accumulate_steps=2`` on every problem."""
+    reference = dist_worker.run(scenario, distributed=False, accumulate=2)
+    for rank in ranks:
+        difference = float((rank[scenario]["gradients"] - reference["gradients"]).abs().max())
+        params = max(float((rank[scenario]["params"][k] - v).abs().max()) for k, v in reference["params"].items())
+        print(f"{scenario}: gradient difference {difference:.3g}, parameter difference {params:.3g}")
+        if scenario in NOT_BIT_EXACT:
+            assert relative_error(rank[scenario]["gradients"], reference["gradients"]) < 2e-6
+        else:
+            assert difference == 0.0 and params == 0.0
+
+
+@pytest.mark.parametrize("scenario", METHODS)
+def test_two_ranks_equal_one_process_with_two_micro_batches(ranks, one_thread, scenario):
+    check_equal_to_micro_batches(ranks, scenario)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", THREE_LEVELS)
+def test_two_ranks_equal_one_process_with_two_micro_batches_at_three_levels(three_level_ranks, one_thread, scenario):
+    check_equal_to_micro_batches(three_level_ranks, scenario)
