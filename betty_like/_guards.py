@@ -101,7 +101,7 @@ def _read(loss: Tensor, gradient: Params) -> tuple[float, list[str]]:
     (or overflowing) norm is looked at entry by entry.
     """
     keys = list(gradient)
-    loss = loss.detach().reshape(())
+    loss = loss.detach() if loss.dim() == 0 else loss.detach().reshape(())
     norms = torch._foreach_norm([gradient[k].detach() for k in keys]) if keys else []  # noqa: SLF001 (torch's fused per-tensor norm, as clip_grad_norm_ uses)
     values = torch.stack([loss, *(n if n.device == loss.device else n.to(loss.device) for n in norms)]).tolist()
     suspects = [k for k, norm in zip(keys, values[1:], strict=True) if not math.isfinite(norm)]

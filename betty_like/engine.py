@@ -274,9 +274,8 @@ class Engine:
                 return self._guarded(name, StepOutcome(loss, gradient, partial(self._apply, name), result.infos, result.warnings))
             values = None if all(w is None for w in self._windows.values()) else self.current_params()
             loss = self._bound_loss(name, self._precision.scale, values)
-            keys = list(setup.leaves)
-            grads = torch.autograd.grad(loss, [setup.leaves[k] for k in keys], allow_unused=True)
-        loss, gradient = self._global(loss.detach(), {k: g for k, g in zip(keys, grads, strict=True) if g is not None})
+            grads = torch.autograd.grad(loss, list(setup.leaves.values()), allow_unused=True)
+        loss, gradient = self._global(loss.detach(), {k: g for k, g in zip(setup.leaves, grads, strict=True) if g is not None})
         return self._guarded(name, StepOutcome(loss, gradient, partial(self._apply, name)))
 
     def _global(self, loss: Tensor, gradient: Params) -> tuple[Tensor, Params]:
@@ -354,7 +353,8 @@ class Engine:
         """A real step of the user's optimizer; it consumes the windows its hypergradient went through."""
         setup = self._setups[name]
         for key, leaf in setup.leaves.items():
-            leaf.grad = gradient[key].detach().to(leaf.dtype) if key in gradient else None
+            plain = (grad := gradient.get(key)) is None or (grad.dtype == leaf.dtype and not grad.requires_grad)
+            leaf.grad = grad if plain else grad.detach().to(leaf.dtype)
         setup.problem.optimizer.step()
         self._consume(name)
 
@@ -391,5 +391,4 @@ class Engine:
 
     def _loss_value(self, name: str, outcome: StepOutcome) -> float | None:
         """The loss as a float (read by the guard, shared with logging), or None if the step is to be skipped."""
-        where = Where(name, self._schedule[name].steps, self.iteration + 1)
-        return loss_value(where, outcome.value, self._configs[name].on_nonfinite, self._warn_once)
+        return loss_value(Where(name, self._schedule[name].steps, self.iteration + 1), outcome.value, self._configs[name].on_nonfinite, self._warn_once)
