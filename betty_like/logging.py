@@ -88,7 +88,7 @@ class Metrics:
 
     def split(self, owner: str, out: Any, capturing: bool) -> Any:
         """The loss of a ``training_step`` result; a dict's other scalars are recorded as metrics."""
-        if not isinstance(out, Mapping):
+        if torch.is_tensor(out) or not isinstance(out, Mapping):  # the tensor test first: an ABC check costs more
             return out
         if "loss" not in out:
             raise ValueError(
