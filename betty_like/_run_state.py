@@ -104,10 +104,10 @@ class _Reread:
     """One global generator's state, read in full only when its raw words changed since the last read.
 
     The engine snapshots every generator at each wave (its transaction), and the full reads are the
-    costly part of a small step: ``random.getstate()`` builds 625 Python ints (~8 µs, and measured
-    ~50 µs per ridge step with the allocations it causes), ``numpy.random.get_state()`` copies its
-    state through Python (40-70 µs on the shared test machine). The raw Mersenne Twister words
-    (~1 µs to read) say whether anything drew since. ``words()`` returns them, or ``None`` where they
+    costly part of a small step: ``random.getstate()`` builds 625 Python ints (~8 µs alone on the
+    shared test machine), ``numpy.random.get_state()`` copies its state through Python (40-70 µs).
+    The raw Mersenne Twister words (~1 µs to read) say whether anything drew since: for Python's
+    generator they are its whole state with ``gauss_next``, so the reuse is exact. ``words()`` returns them, or ``None`` where they
     cannot be read (then every snapshot is a full read); ``spent(state)`` says whether a state holds
     something that can change without them (numpy's cached Gaussian).
     """
@@ -163,7 +163,7 @@ def _python_layout() -> bool:
 _PYTHON_LAYOUT = platform.python_implementation() == "CPython" and _python_layout()
 _python_state = _Reread(random.getstate, _python_words, lambda state: False)
 # a legacy Gaussian cached in numpy's state (has_gauss = 1) is spent by the next draw without moving a word
-_numpy_state = _Reread(lambda: numpy.random.get_state(), _numpy_words, lambda state: bool(state[3])) if numpy is not None else None
+_numpy_state = _Reread(numpy.random.get_state, _numpy_words, lambda state: bool(state[3])) if numpy is not None else None
 
 
 def random_states() -> dict[str, Any]:
