@@ -20,14 +20,13 @@ problem's optimizer is refused at every call, before it changes anything.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .graph import Graph
 
@@ -41,35 +40,41 @@ class LossAudit:
         self.expected = {n: [u for u in graph.names if n in graph.u2l[u]] for n in graph.names}
         self.allowed = {n: {n, *self.expected[n], *graph.reads(n)} for n in graph.names}
         self.leaves = {name: list(setup.leaves.items()) for name, setup in setups.items()}
-        self.optimizers = {id(setup.problem.optimizer): name for name, setup in setups.items()}
         self.attempts = dict.fromkeys(graph.names, 0)
         self.warn_once = warn_once
+        self._calls: list[tuple[str, Mapping[str, Tensor] | None]] = []  # evaluations under way, innermost last
+        self._hooks: list[list[Any]] = []  # the backward watch of each of them
+        # one step pre-hook per problem optimizer for the engine's life (registering one per evaluation costs
+        # several µs at every loss); it holds the audit weakly and refuses only while an evaluation runs
+        owners = {id(setup.problem.optimizer): (name, setup.problem.optimizer) for name, setup in setups.items()}
+        audit = weakref.ref(self)
+        handles = [optimizer.register_step_pre_hook(partial(_stepped, audit, owner)) for owner, optimizer in owners.values()]
+        weakref.finalize(self, _remove, handles)
 
-    @contextlib.contextmanager
-    def call(self, name: str, values: Mapping[str, Tensor] | None) -> Iterator[Callable[[Tensor], Tensor]]:
-        """Around one evaluation of ``name``'s ``training_step``; yields the check of the loss it returns."""
-        handle = register_optimizer_step_pre_hook(partial(self._stepped, name))
+    def call(self, name: str, values: Mapping[str, Tensor] | None) -> LossAudit:
+        """``with audit.call(name, values) as check``: around one evaluation of ``name``'s ``training_step``.
+
+        ``check(loss)`` checks the loss it returns. A plain context manager on ``self`` (evaluations nest,
+        so it keeps a stack): a generator-based one costs several µs at every loss.
+        """
+        self._calls.append((name, values))
+        return self
+
+    def __enter__(self) -> Callable[[Tensor], Tensor]:
+        name, values = self._calls[-1]
         accumulated: list[str] = []
         audited = self.attempts[name] < _ATTEMPTS and torch.is_grad_enabled()
-        hooks = self._watch_backward(values, accumulated) if audited else []
-        try:
-            yield partial(self._check, name, values, accumulated, audited)
-        finally:
-            handle.remove()
-            for hook in hooks:
-                hook.remove()
+        self._hooks.append(self._watch_backward(values, accumulated) if audited else [])
+        return partial(self._check, name, values, accumulated, audited)
 
-    def _stepped(self, name: str, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        owner = self.optimizers.get(id(optimizer))
-        if owner is None:
-            return
-        whose = "its own optimizer" if owner == name else f"the optimizer of problem {owner!r}"
-        raise RuntimeError(
-            f"problem {name!r}: its training_step called {whose}'s step() ({type(optimizer).__name__}); the engine "
-            "takes every optimizer step itself, from the gradient (or hypergradient) of the loss training_step "
-            "returns. Remove loss.backward(), optimizer.zero_grad() and optimizer.step() from training_step and "
-            "return the loss"
-        )
+    def __exit__(self, *_: object) -> None:
+        self._calls.pop()
+        for hook in self._hooks.pop():
+            hook.remove()
+
+    def evaluating(self) -> str | None:
+        """The problem whose ``training_step`` runs now (the innermost), or ``None``."""
+        return self._calls[-1][0] if self._calls else None
 
     def _watch_backward(self, values: Mapping[str, Tensor] | None, accumulated: list[str]) -> list[Any]:
         """Hooks on every leaf the loss could reach that note a ``.grad`` accumulation (``backward()``, not ``grad``)."""
@@ -126,6 +131,26 @@ class LossAudit:
             else:
                 nodes[t.grad_fn] = owner  # the node object is kept alive here, so its identity is stable
         return leaves, nodes, present
+
+
+def _stepped(audit: Callable[[], LossAudit | None], owner: str, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """Step pre-hook of problem ``owner``'s optimizer: refuses ``step()`` called from inside a ``training_step``."""
+    evaluating = audit()
+    name = evaluating.evaluating() if evaluating is not None else None
+    if name is None:
+        return
+    whose = "its own optimizer" if owner == name else f"the optimizer of problem {owner!r}"
+    raise RuntimeError(
+        f"problem {name!r}: its training_step called {whose}'s step() ({type(optimizer).__name__}); the engine "
+        "takes every optimizer step itself, from the gradient (or hypergradient) of the loss training_step "
+        "returns. Remove loss.backward(), optimizer.zero_grad() and optimizer.step() from training_step and "
+        "return the loss"
+    )
+
+
+def _remove(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def _reached(loss: Tensor, leaves: Mapping[int, str], nodes: Mapping[Any, str]) -> set[str]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,9 +27,11 @@ class SolverFailure(FloatingPointError):
     """A linear solve in a hypergradient failed (diverged, NaN/inf, negative curvature)."""
 
 
-@dataclass(frozen=True)
-class Where:
-    """The step being checked: the problem taking it, its step number and the engine iteration (1-based)."""
+class Where(NamedTuple):
+    """The step being checked: the problem taking it, its step number and the engine iteration (1-based).
+
+    A named tuple, not a dataclass: one is made for every step, and only an error message reads it.
+    """
 
     problem: str
     step: int
@@ -91,20 +92,23 @@ def check_solves(
             )
 
 
-def _nonfinite_entries(loss: Tensor, gradient: Params) -> tuple[bool, list[str]]:
-    """Whether ``loss`` is finite, and the gradient entries that are not: one host sync in all.
+def _read(loss: Tensor, gradient: Params) -> tuple[float, list[str]]:
+    """The loss as a float, and the gradient entries that are not finite: one host read for both.
 
-    One fused norm over the whole gradient (NaN/inf if any entry is) keeps the common, finite case at
-    a few kernels whatever the number of tensors; only a non-finite (or overflowing) norm looks entry
-    by entry.
+    One fused norm per gradient tensor (NaN/inf if any entry is) goes to the host in one tensor with
+    the loss, which the step needs as a float anyway (the record, the loss policy): the finite case
+    costs two kernels and the one read a hand-written loop's ``loss.item()`` makes. Only a non-finite
+    (or overflowing) norm is looked at entry by entry.
     """
     keys = list(gradient)
-    total = torch.nn.utils.get_total_norm([gradient[k].detach() for k in keys]).to(loss.device)
-    loss_finite, gradient_finite = torch.stack([torch.isfinite(loss.detach()).all(), torch.isfinite(total)]).tolist()
-    if not loss_finite or gradient_finite:
-        return loss_finite, []
-    finite = torch.stack([torch.isfinite(gradient[k].detach()).all() for k in keys]).tolist()
-    return True, [k for k, ok in zip(keys, finite, strict=True) if not ok]
+    loss = loss.detach() if loss.dim() == 0 else loss.detach().reshape(())
+    norms = torch._foreach_norm([gradient[k].detach() for k in keys]) if keys else []  # noqa: SLF001 (torch's fused per-tensor norm, as clip_grad_norm_ uses)
+    values = torch.stack([loss, *(n if n.device == loss.device else n.to(loss.device) for n in norms)]).tolist()
+    suspects = [k for k, norm in zip(keys, values[1:], strict=True) if not math.isfinite(norm)]
+    if not suspects or not math.isfinite(values[0]):
+        return values[0], []
+    finite = torch.stack([torch.isfinite(gradient[k].detach()).all() for k in suspects]).tolist()
+    return values[0], [k for k, ok in zip(suspects, finite, strict=True) if not ok]
 
 
 def nonfinite_gradient(where: Where, bad: list[str], infos: Mapping[str, HypergradInfo]) -> str:
@@ -145,24 +149,25 @@ def guard(
     configs: Mapping[str, Any],
     warn_once: Callable[[str, str], None],
     scaled: bool = False,
-) -> bool:
-    """Check a computed step before it commits; returns whether to skip it (``on_nonfinite="skip"``).
+) -> tuple[bool, float]:
+    """Check a computed step before it commits; returns whether to skip it (``on_nonfinite="skip"``) and its loss as a float.
 
     Plain steps and hypergradient steps alike: the user's optimizer never sees a NaN/inf gradient.
     With ``scaled`` (fp16 loss scaling) an inf/NaN gradient is the scaler's overflow signal, which it
-    handles itself (skip the step, halve the scale), so it is not an error here.
+    handles itself (skip the step, halve the scale), so it is not an error here. A non-finite loss is
+    not judged here but by :func:`loss_value`, with the float returned.
     """
     check_solves(where, infos, configs, warn_once)
     if scaled:
-        return False  # the scaler speaks first
-    loss_finite, bad = _nonfinite_entries(loss, gradient)
-    if not loss_finite or not bad:
-        return False  # a non-finite loss is the loss policy's (loss_value)
+        return False, float(loss.detach())  # the scaler speaks first
+    value, bad = _read(loss, gradient)
+    if not bad:
+        return False, value
     message = nonfinite_gradient(where, bad, infos)
     if configs[where.problem].on_nonfinite != "skip":
         raise FloatingPointError(message)
     log.warning(message.replace("The optimizer was not stepped", "Skipped"))
-    return True
+    return True, value
 
 
 class WarnOnce:
@@ -177,9 +182,8 @@ class WarnOnce:
             log.warning(message)
 
 
-def loss_value(where: Where, loss: Tensor, policy: str, warn_once: Callable[[str, str], None]) -> float | None:
-    """The loss as a float, or ``None`` if the step is to be skipped (``on_nonfinite="skip"``)."""
-    value = float(loss.detach())
+def loss_value(where: Where, value: float, policy: str, warn_once: Callable[[str, str], None]) -> float | None:
+    """The loss ``value`` (read by :func:`guard`), or ``None`` if the step is to be skipped (``on_nonfinite="skip"``)."""
     if math.isfinite(value):
         return value
     name = where.problem

@@ -54,20 +54,37 @@ class Callback:
         """Restore what :meth:`state_dict` returned."""
 
 
+def _overrides(callback: Callback, hook: str) -> bool:
+    """Whether ``callback`` does something at ``hook`` (its class or the instance replaces the no-op default)."""
+    return getattr(type(callback), hook) is not getattr(Callback, hook) or hook in vars(callback)
+
+
 class Callbacks:
-    """The engine's ordered callbacks; a hook that raises names the callback and the hook."""
+    """The engine's ordered callbacks; a hook that raises names the callback and the hook.
+
+    Each hook goes only to the callbacks that override it: the list per hook is worked out once and
+    again whenever ``items`` changes, since the step hooks run several times per iteration and most
+    callbacks (the logging and checkpoint policies) override none of them.
+    """
 
     def __init__(self, callbacks: Iterable[Callback]) -> None:
         self.items = list(callbacks)
         for c in self.items:
             if not isinstance(c, Callback):
                 raise TypeError(f"callbacks must be betty_like.Callback instances, got {type(c).__name__}")
+        self._seen: list[Callback] = []
+        self._by_hook: dict[str, list[Callback]] = {}
 
     def call(self, hook: str, engine: Engine, *args: Any) -> None:
-        """Call ``hook`` on every callback; an error names the callback and the hook."""
-        items = self.items
-        if hook == "on_run_start":  # restoring callbacks (a checkpoint resume) first: the others start from the restored state
-            items = sorted(items, key=lambda c: not c.restores)
+        """Call ``hook`` on every callback that overrides it; an error names the callback and the hook."""
+        if self._seen != self.items:
+            self._seen, self._by_hook = list(self.items), {}
+        items = self._by_hook.get(hook)
+        if items is None:
+            items = [c for c in self._seen if _overrides(c, hook)]
+            if hook == "on_run_start":  # restoring callbacks (a checkpoint resume) first: the others start from the restored state
+                items.sort(key=lambda c: not c.restores)
+            self._by_hook[hook] = items
         for callback in items:
             try:
                 getattr(callback, hook)(engine, *args)

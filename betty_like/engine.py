@@ -61,6 +61,7 @@ class StepOutcome:
     infos: dict[str, HypergradInfo] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     skip: bool = False  # a non-finite hypergradient under on_nonfinite="skip"
+    value: float = float("nan")  # the loss as a float, read with the gradient's finiteness check
 
 
 class Engine:
@@ -224,8 +225,8 @@ class Engine:
                 self._draw(name, drawn)
                 taken = self._executions[name].step(
                     self._batches[name],
-                    lambda: self._finish(name, o := self._compute(name), self._loss_value(name, o.loss)),
-                    lambda: self._finish(name, o := self._replayed(name), self._loss_value(name, o.loss)),
+                    lambda: self._finish(name, o := self._compute(name), self._loss_value(name, o)),
+                    lambda: self._finish(name, o := self._replayed(name), self._loss_value(name, o)),
                 )
                 reports = [name] if taken and self._count(name) else []
             else:
@@ -233,7 +234,7 @@ class Engine:
                 for name in due:
                     self._draw(name, drawn)
                     outcomes[name] = self._compute(name)
-                values = {name: self._loss_value(name, outcome.loss) for name, outcome in outcomes.items()}
+                values = {name: self._loss_value(name, outcome) for name, outcome in outcomes.items()}
                 reports = [name for name in due if self._finish(name, outcomes[name], values[name]) and self._count(name)]
         except BaseException:
             for name, batch in reversed(drawn):
@@ -273,9 +274,8 @@ class Engine:
                 return self._guarded(name, StepOutcome(loss, gradient, partial(self._apply, name), result.infos, result.warnings))
             values = None if all(w is None for w in self._windows.values()) else self.current_params()
             loss = self._bound_loss(name, self._precision.scale, values)
-            keys = list(setup.leaves)
-            grads = torch.autograd.grad(loss, [setup.leaves[k] for k in keys], allow_unused=True)
-        loss, gradient = self._global(loss.detach(), {k: g for k, g in zip(keys, grads, strict=True) if g is not None})
+            grads = torch.autograd.grad(loss, list(setup.leaves.values()), allow_unused=True)
+        loss, gradient = self._global(loss.detach(), {k: g for k, g in zip(setup.leaves, grads, strict=True) if g is not None})
         return self._guarded(name, StepOutcome(loss, gradient, partial(self._apply, name)))
 
     def _global(self, loss: Tensor, gradient: Params) -> tuple[Tensor, Params]:
@@ -303,7 +303,7 @@ class Engine:
     def _guarded(self, name: str, outcome: StepOutcome) -> StepOutcome:
         """Failed solves and a non-finite gradient (with a finite loss) are handled before anything commits."""
         where, scaled = Where(name, self._schedule[name].steps + 1, self.iteration + 1), self._precision.scaler is not None
-        outcome.skip = guard(where, outcome.loss, outcome.gradient, outcome.infos, self._configs, self._warn_once, scaled)
+        outcome.skip, outcome.value = guard(where, outcome.loss, outcome.gradient, outcome.infos, self._configs, self._warn_once, scaled)
         return outcome
 
     def _advance_window(self, name: str, step: Callable[[Params], tuple[Params, Any]], gradient: Params) -> None:
@@ -353,7 +353,8 @@ class Engine:
         """A real step of the user's optimizer; it consumes the windows its hypergradient went through."""
         setup = self._setups[name]
         for key, leaf in setup.leaves.items():
-            leaf.grad = gradient[key].detach().to(leaf.dtype) if key in gradient else None
+            plain = (grad := gradient.get(key)) is None or (grad.dtype == leaf.dtype and not grad.requires_grad)
+            leaf.grad = grad if plain else grad.detach().to(leaf.dtype)
         setup.problem.optimizer.step()
         self._consume(name)
 
@@ -410,7 +411,6 @@ class Engine:
             out = call_user(name, "training_step", self._modules, values, step, batch)
             return audited(checked_loss(name, self.metrics.split(name, out, capturing), self.iteration + 1))
 
-    def _loss_value(self, name: str, loss: Tensor) -> float | None:
-        """The loss as a float (one host sync, shared with logging), or None if the step is to be skipped."""
-        where = Where(name, self._schedule[name].steps, self.iteration + 1)
-        return loss_value(where, loss, self._configs[name].on_nonfinite, self._warn_once)
+    def _loss_value(self, name: str, outcome: StepOutcome) -> float | None:
+        """The loss as a float (read by the guard, shared with logging), or None if the step is to be skipped."""
+        return loss_value(Where(name, self._schedule[name].steps, self.iteration + 1), outcome.value, self._configs[name].on_nonfinite, self._warn_once)

@@ -114,6 +114,7 @@ class Graph:
         self._inputs = {n: [m for m in self.names if n in responds[m]] for n in self.names}
         self._responders = {n: self._responders_of(n) for n in self.names}
         self._consumed = {n: self._consumed_by(n) for n in self.names}
+        self._leaves = [n for n in self.names if not self.reads(n)]  # asked at every iteration
         self._check_u2l_carries_gradient()
 
     def _take_lowers_inputs(self, name: str, responds: dict[str, list[str]]) -> None:
@@ -188,4 +189,4 @@ class Graph:
 
     def leaves(self) -> list[str]:
         """Problems that read no other solution: the engine steps them every iteration."""
-        return [n for n in self.names if not self.reads(n)]
+        return list(self._leaves)

@@ -15,14 +15,13 @@ gives a wide table. TensorBoard gets the same tags through ``SummaryWriter``.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import os
 import resource
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,20 +46,33 @@ class Metrics:
         self._pending: set[str] = set()
         self._current: str | None = None
         self._values: dict[str, dict[str, Any]] = {}
+        self._entered: list[str] = []  # the evaluations under way, innermost last
+        self._outer: list[str | None] = []  # the problem recording before each of them
 
     def begin(self, name: str) -> None:
         self._pending.add(name)
         self._values[name] = {}
 
-    @contextlib.contextmanager
-    def evaluating(self, name: str) -> Iterator[bool]:
+    def evaluating(self, name: str) -> Metrics:
+        """``with metrics.evaluating(name) as capturing``: around one evaluation of ``name``'s loss.
+
+        ``capturing`` says whether it is the step's own evaluation (the one that records metrics). A
+        plain context manager on ``self`` (evaluations nest, so it keeps a stack): a generator-based
+        one costs several µs at every loss.
+        """
+        self._entered.append(name)
+        return self
+
+    def __enter__(self) -> bool:
+        name = self._entered[-1]
         capturing = name in self._pending
-        previous, self._current = self._current, (name if capturing else None)
-        try:
-            yield capturing
-        finally:
-            self._current = previous
-            self._pending.discard(name)
+        self._outer.append(self._current)
+        self._current = name if capturing else None
+        return capturing
+
+    def __exit__(self, *_: object) -> None:
+        self._current = self._outer.pop()
+        self._pending.discard(self._entered.pop())
 
     def log(self, owner: str, key: str, value: Any) -> None:
         """Record ``key`` for ``owner``'s current step (ignored outside its step's own evaluation)."""
@@ -76,7 +88,7 @@ class Metrics:
 
     def split(self, owner: str, out: Any, capturing: bool) -> Any:
         """The loss of a ``training_step`` result; a dict's other scalars are recorded as metrics."""
-        if not isinstance(out, Mapping):
+        if torch.is_tensor(out) or not isinstance(out, Mapping):  # the tensor test first: an ABC check costs more
             return out
         if "loss" not in out:
             raise ValueError(
