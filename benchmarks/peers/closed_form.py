@@ -31,7 +31,6 @@ with min-max spread, ratios paired per repeat. Run standalone (``--quick`` shrin
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -49,6 +48,7 @@ from betty_like import Engine, EngineConfig, Problem, ProblemConfig  # noqa: E40
 from betty_like.hypergrad import hypergradient  # noqa: E402
 from betty_like.testing.closed_form import DTYPE, Scalar, ValidationLoss, linear, regression_data  # noqa: E402
 from peers.common import med, ratio, spread, use_peer_paths  # noqa: E402
+from peers.standalone import interleaved, run_row  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "vs_peers_closed_form.md"
 PLOT = RESULTS.with_suffix(".png")
@@ -198,20 +198,6 @@ def higher_unroll(case: Case, steps: int) -> Callable[[], torch.Tensor]:
     return run
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each function, the functions called in turn within every repeat (after a warm-up)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def rel_error(g: torch.Tensor, exact: torch.Tensor) -> float:
     return float((g.detach() - exact).norm() / exact.norm())
 
@@ -264,7 +250,7 @@ def goal_lines(case: Case, r: dict) -> list[str]:
     missed = {o: w for o, w in worst.items() if w[0] > 1}
     lines = [f"- {case.name}, speed (each betty_like row / the peers computing the same thing, paired median): "
              + ("met on every row." if not missed else "missed on " + "; ".join(
-                 f"{o} ({w[0]:.2f}x {w[1]})" for o, w in missed.items()) + ".")]
+                 f"{o} ({ratio(t[o], t[w[1]])}x {w[1]})" for o, w in missed.items()) + ".")]
     cg_eager = next(n for n in ours if n.startswith("betty_like cg") and "compile" not in n)
     cg_comp = next((n for n in ours if n.startswith("betty_like cg") and "compile" in n), None)
     if cg_comp:
@@ -394,14 +380,7 @@ def plot(results: dict[str, dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, shorter unrolls, cg compiled only")
-    args = parser.parse_args(argv)
-    text = section(args.quick)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(text)
-    print(text)
-    print(f"wrote {RESULTS} and {PLOT}")
+    run_row(section, RESULTS, PLOT, __doc__.splitlines()[0], "fewer repeats, shorter unrolls, cg compiled only", argv)
 
 
 if __name__ == "__main__":
