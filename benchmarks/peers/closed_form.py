@@ -19,7 +19,8 @@ same upper loss at the same point:
 - higher ``innerloop_ctx`` through K unrolled steps (higher has no implicit differentiation).
 
 K unrolled SGD steps of rate 1/L from the solution are a K-term Neumann series, so ``neumann``,
-``fixed_point`` (alpha = lr = 1/L, K iterations) and the three unrolled variants share one truncation.
+``fixed_point`` (alpha = lr = 1/L, exactly K iterations: ``tol=1e-30``) and the three unrolled
+variants share one truncation.
 
 Also the "engine plain steps" row: N plain SGD steps of P1's and P2's lower problem (penalty fixed)
 through ``Engine.run`` vs torchopt's functional ``sgd`` loop vs a hand ``torch.optim.SGD`` loop.
@@ -132,7 +133,8 @@ def build_engine(case: Case, method: str, unroll_steps: int = 1, **config) -> En
 def ours_implicit(case: Case, method: str, iterations: int, **config) -> Callable[[], torch.Tensor]:
     """betty_like's pushing method at the solution: the traversal over the engine's current snapshot."""
     alpha = {"alpha": case.lr} if method == "neumann" else {}
-    engine = build_engine(case, method, iterations=iterations, tol=1e-12, **alpha, **config)
+    tol = 1e-12 if method == "cg" else 1e-30  # the series: all ``iterations`` terms, as the unrolled peers take them
+    engine = build_engine(case, method, iterations=iterations, tol=tol, **alpha, **config)
     return lambda: hypergradient(engine.program(), "penalty").gradient["penalty.value"]
 
 
@@ -341,7 +343,7 @@ def section(quick: bool) -> str:
         "## Closed-form bilevel problems (float64): betty_like vs torchopt vs higher", "",
         f"`benchmarks/peers/closed_form.py`{' --quick' if quick else ''}: lower at its exact solution, penalised least "
         "squares, exact hypergradient by `torch.linalg.solve`. cg: betty_like and torchopt both capped at the row's "
-        f"iterations with relative tolerance 1e-12; neumann / fixed_point (alpha = lr = 1/L) and the unrolled variants "
+        f"iterations with relative tolerance 1e-12; neumann / fixed_point (alpha = lr = 1/L, all K terms) and the unrolled variants "
         f"(K = {steps} SGD steps of rate 1/L from the solution) are the same truncated series. {repeats} interleaved "
         f"repeats after a warm-up; ratios betty_like / peer paired per repeat (< 1: faster). One torch thread, torch "
         f"{torch.__version__}, {platform.machine()}, shared 2-core CPU, load average {load[0]:.1f} at the start, "
