@@ -328,6 +328,23 @@ def plain_table(results: dict[str, dict[str, list[float]]], steps: int) -> list[
     return [*lines, ""]
 
 
+NOTES = [
+    "Why rows miss (from cProfile runs of P2 made while writing this row, same machine; see the tables for the sizes):",
+    "",
+    "- betty_like cg vs torchopt solve_cg: the products cost the same (one double-backward each); betty_like's "
+    "conjugate gradient also keeps diagnostics every iteration (residual history, finiteness and curvature "
+    "verdicts, dtype casts: ~0.2-0.4 ms per iteration, ~25 % of a P2 solve), which torchopt's `linalg.cg` does not "
+    "compute. The two are within each other's spread on this loaded machine.",
+    "- betty_like unroll vs MetaSGD / higher: `engine.run(K)` takes K engine steps, and each engine step costs "
+    "~1-2 ms more than a bare differentiable step on these tiny problems (see the plain-steps table below and "
+    "`benchmarks/results/engine_overhead.md`); the series it computes is the same to 1e-15.",
+    "- compile_hypergrad: a captured product is one call into a `torch.compile`d function whose Python-side "
+    "wrapper and guards cost ~0.3 ms against ~0.1 ms of kernel for d <= 100, so at these sizes compiled products "
+    "are no faster than eager ones; the >= 3x goal cannot be met on problems this small. The first capture takes "
+    "~20 s; later ones in the same process reuse inductor's caches (a few s).",
+]
+
+
 # --------------------------------------------------------------------------- section, plot, script
 def section(quick: bool) -> str:
     """The markdown section of this row (runs the measurements)."""
@@ -354,7 +371,7 @@ def section(quick: bool) -> str:
     lines += ["Goals (issue 19 item 6):", ""]
     for case, r in results.values():
         lines += goal_lines(case, r)
-    lines += ["", *plain_table(plain, plain_n), f"Row run time: {time.perf_counter() - start:.0f} s.", ""]
+    lines += ["", *NOTES, "", *plain_table(plain, plain_n), f"Row run time: {time.perf_counter() - start:.0f} s.", ""]
     plot({case.name.split(",")[0]: r for case, r in results.values()})
     return "\n".join(lines)
 
