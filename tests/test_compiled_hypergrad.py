@@ -72,8 +72,8 @@ def engine_for(method: str, compile_hypergrad, cls=Classifier, dropout=None, cou
         module=net,
         optimizer=torch.optim.SGD(net.parameters(), lr=LR),
         data=batches(8, 0, count),
-        config=ProblemConfig(hypergrad=method, unroll_steps=2, damping=DAMPING, iterations=200, tol=1e-13,
-                             compile_hypergrad=compile_hypergrad, **config),
+        config=ProblemConfig(hypergrad=method, compile_hypergrad=compile_hypergrad,
+                             **{"unroll_steps": 2, "damping": DAMPING, "iterations": 200, "tol": 1e-13, **config}),
     )
     upper = Validation("weights", module=weights, optimizer=torch.optim.SGD(weights.parameters(), lr=0.1), data=batches(8, 1, count))
     return Engine([upper, lower], {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}, EngineConfig(train_iters=2))
