@@ -190,6 +190,19 @@ def test_cg_blocks_of_several_iterations_keep_the_eager_solve(compiled_products)
 
 
 @pytest.mark.slow
+def test_products_and_blocks_are_captured_once_and_not_recompiled_at_later_steps(compiled_products):
+    """Parameters, vectors and the solver state are graph inputs: new values at later steps reuse the graphs."""
+    engine = engine_for("cg", True, count=1, solver_check_every=3)
+    engine.run(2)  # the first upper step (the lower takes unroll_steps=2 steps per upper step)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    ran = compiled_products["in blocks"]
+    assert graphs > 0 and ran > 0
+    engine.run(4)
+    assert compiled_products["in blocks"] > ran  # the later solves ran in blocks
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.slow
 def test_compiled_products_after_steps_give_the_eager_hypergradient():
     """Two lower steps and one upper step through the engine (the trained state, not a fixed one)."""
     assert relative(hypergradient_after_steps("cg", True), hypergradient_after_steps("cg", False)) < REL
