@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from ._context import HypergradContext, HypergradInfo
+from ._context import HypergradContext, HypergradInfo, _identity
 from ._linsolve import CompiledOperator, GraphMatVec, LinearSystem, MatVec, Repeat, Solver, transpose
 from ._tree import Params, axpy, grads, scale
 
@@ -50,13 +50,9 @@ def fused_iterations(ctx: HypergradContext, products: CompiledOperator | None) -
     Only where the products enter the solve as they are: a precision or cross-process wrap of each
     product (fp16 unit norms, data-parallel sums) stays eager, and so do its iterations (``None``).
     """
-    if products is None or ctx.matvec_wrap(_same) is not _same:
+    if products is None or ctx.matvec_wrap(_identity) is not _identity:
         return None
     return partial(products.repeat, damping=ctx.config.damping)
-
-
-def _same(u: Params) -> Params:
-    return u
 
 
 def root_push(
