@@ -11,6 +11,7 @@ fallback test and the block semantics (on an eager stand-in for the compiled blo
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import pytest
@@ -227,6 +228,25 @@ def test_a_model_that_cannot_be_captured_falls_back_with_one_log_line(caplog, co
     assert "'classifier'" in lines[0] and "could not capture" in lines[0] and "eager" in lines[0]
     assert sum(compiled_products.values()) == 0
     assert relative(fallen, eager) == 0.0  # the eager products themselves
+
+
+@pytest.mark.slow
+def test_a_block_that_cannot_be_captured_runs_on_compiled_products_with_one_log_line(caplog, monkeypatch, compiled_products):
+    """A CG step with a graph break cannot be one graph: its iterations run one compiled product at a time."""
+    eager, _, _ = at_fixed_state("cg", False)
+    plain = importlib.import_module("betty_like.hypergrad._linsolve").cg_step
+
+    def branchy(matvec, state, preconditioner=None):
+        torch._dynamo.graph_break()  # what a host read or an untraceable call does to a capture
+        return plain(matvec, state, preconditioner)
+
+    monkeypatch.setattr("betty_like.hypergrad._linsolve.cg_step", branchy)
+    with caplog.at_level(logging.WARNING, logger="betty_like"):
+        compiled, info, _ = at_fixed_state("cg", True)
+    lines = [r.getMessage() for r in caplog.records if "compile_hypergrad" in r.getMessage()]
+    assert len(lines) == 1 and "'classifier'" in lines[0] and "solver iterations as one graph" in lines[0], lines
+    assert compiled_products["in blocks"] >= info.iterations  # asked for blocks, ran them on compiled products
+    assert gap(compiled, eager) < REL
 
 
 def test_training_mode_dropout_uses_eager_products_and_says_why(caplog):
