@@ -174,7 +174,9 @@ def main() -> None:
     lines += [
         "",
         "Compile: wall time of a compiled engine's first two iterations, where it captures its product and its "
-        "block(s) once per input shape. The product graph is the same in every compiled engine: the first one (blocks of 1) compiles it, the later ones find it in inductor's on-disk cache; each block length is compiled cold. Differences: "
+        "block(s) once per input shape. The product graph is the same in every compiled engine: the first one "
+        "(blocks of 1) compiles it, the later ones find it in inductor's on-disk cache; each block length is "
+        "compiled cold. Differences: "
         "relative norm of the upper gradient after those two iterations against the eager one (float32).",
         "",
         f"Goal ≥ 3× on the small model: best hypergradient-alone speed-up {best['hypergradient']:.2f}×"
