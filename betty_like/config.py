@@ -121,9 +121,11 @@ class ProblemConfig:
         compile_hypergrad: ``False`` (default), ``True`` or ``"auto"``: the Hessian-vector products
             that the solvers of ``cg``, ``neumann`` and ``fixed_point`` take of *this* problem's loss are
             captured with ``torch.compile`` in forward-over-reverse form, once per input shape
-            (:mod:`betty_like.execution.hvp`); ``"auto"`` times a compiled and an eager product once per
-            shape and keeps the faster. Products that carry a graph (a push differentiated again) and
-            models that cannot be captured use eager products (the latter logged once).
+            (:mod:`betty_like.execution.hvp`); ``cg`` also captures the iterations between two residual
+            checks (``solver_check_every``), products and CG arithmetic together, as one graph. ``"auto"``
+            times a compiled and an eager product once per shape and keeps the faster. Products that carry
+            a graph (a push differentiated again) and models that cannot be captured use eager products
+            (the latter logged once).
         solver_check_every: how often a linear solver reads its residual and curvature on the host
             (each read is a device synchronisation on a GPU): every ``n`` iterations and at the end.
             ``None`` (default): every iteration when the vectors live on the CPU (a read costs nothing

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from ._linsolve import CurvatureEstimate, MatVec, SolveInfo
+from ._linsolve import CompiledOperator, CurvatureEstimate, MatVec, SolveInfo
 from ._tree import Params
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ class HypergradContext:
             cross-process reduction.
         compiled_hvp: ``() -> u -> H_ww u``, the objective's Hessian-vector product captured with
             ``torch.compile`` at ``(w, x)``, or ``None`` (returned, or given) where eager products are used.
-            Only a solver's own iterations use it: their products are never differentiated.
+            Only a solver's own iterations use it: their products are never differentiated. It can also
+            run them as captured blocks (:class:`~._linsolve.CompiledOperator`).
         eigenvalue: the lower problem's kept estimate of its largest Hessian eigenvalue (Neumann's
             ``alpha=None``), shared by its solves across steps; ``None``: estimate at every solve.
         shared: a cotangent reaching a linear solve in a backward pass, as the adjoint system's
@@ -61,7 +62,7 @@ class HypergradContext:
     optimizer: FunctionalOptimizer
     create_graph: bool = False
     matvec_wrap: Callable[[MatVec], MatVec] = field(default=_identity)
-    compiled_hvp: Callable[[], MatVec | None] | None = None
+    compiled_hvp: Callable[[], CompiledOperator | None] | None = None
     eigenvalue: CurvatureEstimate | None = None
     shared: Callable[[Params], Params] = field(default=_identity)
     outputs: Callable[[Params, Params], tuple[Tensor, Callable[[Tensor], Tensor]]] | None = None

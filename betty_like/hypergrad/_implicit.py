@@ -16,8 +16,8 @@ from functools import partial
 
 import torch
 
-from ._context import HypergradContext, HypergradInfo
-from ._linsolve import GraphMatVec, LinearSystem, MatVec, Solver, transpose
+from ._context import HypergradContext, HypergradInfo, _identity
+from ._linsolve import CompiledOperator, GraphMatVec, LinearSystem, MatVec, Repeat, Solver, transpose
 from ._tree import Params, axpy, grads, scale
 
 Residual = Callable[[Params, Params], Params]
@@ -39,9 +39,20 @@ def _damped(matvec: GraphMatVec, damping: float) -> GraphMatVec:
     return lambda u, create_graph: axpy(damping, u, matvec(u, create_graph))
 
 
-def compiled_hessian(ctx: HypergradContext) -> MatVec | None:
+def compiled_hessian(ctx: HypergradContext) -> CompiledOperator | None:
     """The compiled product ``u -> H u`` of a gradient residual's Jacobian (``None``: eager products)."""
     return ctx.compiled_hvp() if ctx.compiled_hvp is not None else None
+
+
+def fused_iterations(ctx: HypergradContext, products: CompiledOperator | None) -> Repeat | None:
+    """A solver's iterations between two checks captured with the compiled products as one graph.
+
+    Only where the products enter the solve as they are: a precision or cross-process wrap of each
+    product (fp16 unit norms, data-parallel sums) stays eager, and so do its iterations (``None``).
+    """
+    if products is None or ctx.matvec_wrap(_identity) is not _identity:
+        return None
+    return partial(products.repeat, damping=ctx.config.damping)
 
 
 def root_push(

@@ -17,6 +17,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -170,10 +171,72 @@ def _counts_products(solver: Callable[..., tuple[Params, SolveInfo]]) -> Callabl
             return matvec(u)
 
         x, info = solver(counted, b, **options)
-        info.products = count
+        info.products += count  # plus those a compiled block made
         return x, info
 
     return counted_solver
+
+
+class CGState(NamedTuple):
+    """Conjugate gradient between two iterations, tensors only: a compiled solver block takes and returns it.
+
+    ``live`` is the device-side flag that nothing has ended the iteration yet; ``b_norm`` and ``tol``
+    (in the residual's dtype) ride along so that a block needs no Python number that changes per solve.
+    """
+
+    x: Params
+    r: Params
+    p: Params
+    rz: Tensor
+    live: Tensor
+    b_norm: Tensor
+    tol: Tensor
+
+
+Step = Callable[[MatVec, Any], tuple[Any, Tensor]]
+Repeat = Callable[[Step, Any, int], tuple[Any, Tensor]]
+
+
+class CompiledOperator(Protocol):
+    """Compiled products ``u -> H u`` that can also run a solver's iterations with them fused in.
+
+    ``repeat(step, state, n, damping)`` equals ``n`` calls of ``step`` on ``u -> H u + damping * u``.
+    """
+
+    def __call__(self, u: Params) -> Params: ...
+
+    def repeat(self, step: Step, state: Any, n: int, damping: float) -> tuple[Any, Tensor]: ...
+
+
+def cg_step(matvec: MatVec, state: CGState, preconditioner: MatVec | None = None) -> tuple[CGState, Tensor]:
+    """One (preconditioned) conjugate-gradient iteration, and its ``(curvature, relative residual)`` in float64.
+
+    A pure function of tensors, so that ``n`` of them can be captured as one graph (a solver block);
+    once the iteration is no longer ``live`` its steps leave the iterate unchanged.
+    """
+    x, r, p, rz, live, b_norm, tol = state
+    ap = matvec(p)
+    curvature = dot(p, ap)
+    live = _live(live, curvature > 0, torch.isfinite(curvature))
+    step = torch.where(live, rz / curvature, torch.zeros_like(rz))
+    x = axpy(step, p, x)
+    r = axpy(-step, ap, r)
+    z = r if preconditioner is None else preconditioner(r)
+    rz_next = torch.where(live, dot(r, z), rz)
+    relative = norm(r) / b_norm
+    live = live & (relative > tol)
+    p = axpy(torch.where(live, rz_next / rz, torch.zeros_like(rz)), p, z)
+    row = torch.stack([curvature.reshape(()).to(torch.float64), relative.reshape(()).to(torch.float64)])
+    return CGState(x, r, p, rz_next, live, b_norm, tol), row
+
+
+def iterate(matvec: MatVec, step: Step, state: Any, n: int) -> tuple[Any, Tensor]:
+    """``n`` iterations of ``step`` on ``matvec``, their rows of scalars stacked (read on the host in one go)."""
+    rows = []
+    for _ in range(n):
+        state, row = step(matvec, state)
+        rows.append(row)
+    return state, torch.stack(rows)
 
 
 @_counts_products
@@ -186,6 +249,7 @@ def conjugate_gradient(
     indefinite: str = "minres",
     preconditioner: MatVec | None = None,
     check_every: int = 1,
+    repeat: Repeat | None = None,
 ) -> tuple[Params, SolveInfo]:
     """Solve ``A x = b`` for symmetric ``A`` by (preconditioned) conjugate gradient.
 
@@ -200,11 +264,18 @@ def conjugate_gradient(
     or non-finite curvature, its later steps leave the iterate unchanged, so the answer and the history
     are those of a check at every iteration.
 
+    ``repeat(step, state, n)`` runs the ``n`` iterations between two checks with ``A``'s products
+    fused into them (a compiled solver block, ``compile_hypergrad``; it must compute ``A`` as ``matvec``
+    does); they count as ``n`` products. ``None``: each iteration runs eagerly on ``matvec``.
+
     A ``preconditioner`` ``P ~ A^-1`` (symmetric positive definite) gives PCG started from ``P b``:
     with ``iterations=0`` the answer is ``P b`` itself (no product with ``A`` at all), and every
     iteration improves on it. Its residual is the true one, ``||b - A x|| / ||b||``.
     """
     info = SolveInfo("cg" if preconditioner is None else "pcg")
+    _Checks(check_every, iterations)  # validates check_every
+    if repeat is not None and preconditioner is not None:
+        raise ValueError("conjugate_gradient: a compiled block (repeat) runs unpreconditioned CG only")
     b_norm = norm(b)
     if _bad_input(b_norm, info):
         return dict(b), info
@@ -219,30 +290,25 @@ def conjugate_gradient(
             return x, info.finish("out_of_iterations")
         r = axpy(-1.0, matvec(x), b)
         z = preconditioner(r)
-    p = dict(z)
-    rz = dot(r, z)
-    checks = _Checks(check_every, iterations)
     live = torch.ones((), dtype=torch.bool, device=b_norm.device)
-    for _ in range(iterations):
-        ap = matvec(p)
-        curvature = dot(p, ap)
-        live = _live(live, curvature > 0, torch.isfinite(curvature))
-        step = torch.where(live, rz / curvature, torch.zeros_like(rz))
-        x = axpy(step, p, x)
-        r = axpy(-step, ap, r)
-        z = r if preconditioner is None else preconditioner(r)
-        rz_next = torch.where(live, dot(r, z), rz)
-        relative = norm(r) / b_norm
-        if checks.add(curvature, relative):
-            outcome = _cg_outcome(checks.read(), info, tol)
-            if outcome == "negative_curvature":
-                return _continue_indefinite(matvec, b, (iterations, tol, check_every), indefinite, info)
-            if outcome is not None:
-                return (_unknown(b) if outcome == "non_finite" else x), info.finish(outcome)
-        live = live & (relative > tol)
-        p = axpy(torch.where(live, rz_next / rz, torch.zeros_like(rz)), p, z)
-        rz = rz_next
-    return x, info.finish("out_of_iterations")
+    p = {k: t.clone() for k, t in z.items()}  # not an alias of r: a compiled block guards on its inputs' aliasing
+    state = CGState(x, r, p, dot(r, z), live, b_norm, torch.tensor(tol, dtype=b_norm.dtype, device=b_norm.device))
+    step = functools.partial(cg_step, preconditioner=preconditioner) if preconditioner is not None else cg_step
+    done = 0
+    while done < iterations:
+        n = min(check_every, iterations - done)
+        if repeat is None:
+            state, rows = iterate(matvec, step, state, n)
+        else:
+            state, rows = repeat(step, state, n)
+            info.products += n
+        done += n
+        outcome = _cg_outcome(rows.tolist(), info, tol)
+        if outcome == "negative_curvature":
+            return _continue_indefinite(matvec, b, (iterations, tol, check_every), indefinite, info)
+        if outcome is not None:
+            return (_unknown(b) if outcome == "non_finite" else state.x), info.finish(outcome)
+    return state.x, info.finish("out_of_iterations")
 
 
 def _cg_outcome(rows: list[list[float]], info: SolveInfo, tol: float) -> str | None:

@@ -58,6 +58,8 @@ def compiled_update(ctx: HypergradContext) -> MatVec | None:
         curved = hessian(through_g)
         return {k: u[k] - through_w[k] - curved[k] for k in keys}
 
+    return product
+
 
 def gauss_newton_update(ctx: HypergradContext) -> GraphMatVec:
     """``u -> (d(w - Phi)/dw)^T u`` with the Hessian inside ``dPhi/dw`` replaced by Gauss-Newton products.
