@@ -82,31 +82,39 @@ def last_commit(path: Path) -> str:
     return out.stdout.strip() or "uncommitted"
 
 
+MARK = re.compile(r"\n*_From an earlier run \(results file last committed in \w+\)\._$")
+
+
 def kept(text: str, commit: str) -> str:
-    """A previous section, marked as such with the commit that wrote it (an existing mark is kept)."""
-    if re.search(r"_From the previous run, commit \w+\._$", text):
-        return text
-    return f"{text}\n\n_From the previous run, commit {commit}._"
+    """A section this invocation did not run, marked as such (an existing mark is kept)."""
+    return text if MARK.search(text) else f"{text}\n\n_From an earlier run (results file last committed in {commit})._"
 
 
-def write(head: str, bodies: dict[str, str]) -> None:
-    """The results file: the header, then each row's section in the order of ``ROWS``."""
+def write(head: str, ran: dict[str, str], commit: str) -> None:
+    """The results file: the header, then each row's section in the order of ``ROWS``.
+
+    Rows not run by this invocation are read from the file as it is now, not as it was at start, so
+    that two drivers running different rows at once do not overwrite each other's sections.
+    """
+    bodies = {n: kept(t, commit) for n, t in previous_sections(RESULTS).items() if n in ROWS and n not in ran}
+    bodies.update(ran)
     parts = [head] + [f"{BEGIN.format(n)}\n{bodies[n].strip()}\n{END.format(n)}" for n in ROWS if n in bodies]
     RESULTS.write_text("\n\n".join(parts) + "\n")
 
 
-def run_row(name: str, quick: bool, options: dict) -> str:
-    """The row's markdown section, or a note that its module is missing."""
+def run_row(name: str, quick: bool, options: dict) -> str | None:
+    """The row's markdown section, stamped with its start time; None when its module is not in this checkout."""
     try:
         module = importlib.import_module(f"peers.{name}")
     except ModuleNotFoundError as error:
         if error.name != f"peers.{name}":
             raise
-        return f"## {name}\n\n_Not run: `benchmarks/peers/{name}.py` is not in this checkout._"
-    start = time.perf_counter()
-    text = module.section(quick, **options)
+        print(f"row {name}: not run, benchmarks/peers/{name}.py is not in this checkout", flush=True)
+        return None
+    started, start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
+    text = module.section(quick, **options).strip()
     print(f"row {name}: {time.perf_counter() - start:.0f} s", flush=True)
-    return text
+    return f"{text}\n\n_Run started {started}._"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (a smoke run)")
     parser.add_argument("--ks", default=None, help="unroll_memory: K values, e.g. 10,50,100")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (rows that time)")
-    parser.add_argument("--nets", default=None, help="reweighting: mlp,cnn")
+    parser.add_argument("--nets", default=None, help="reweighting: networks, mlp,cnn (default both)")
+    parser.add_argument("--defaults-nets", default=None, help="reweighting: networks of the defaults table (default mlp)")
     args = parser.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
     unknown = sorted(set(rows) - set(ROWS))
@@ -123,14 +132,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     torch.set_num_threads(1)
     use_peer_paths()
-    options = {k: v for k, v in {"ks": args.ks, "repeats": args.repeats, "nets": args.nets}.items() if v is not None}
-    commit = last_commit(RESULTS)
-    bodies = {name: kept(text, commit) for name, text in previous_sections(RESULTS).items() if name in ROWS}
+    options = {k: v for k, v in {"ks": args.ks, "repeats": args.repeats, "nets": args.nets, "defaults_nets": args.defaults_nets}.items() if v is not None}
+    commit, ran = last_commit(RESULTS), {}
     for name in ROWS:
         if name in rows:
-            bodies[name] = run_row(name, args.quick, options)
-            write(header(args.quick), bodies)  # after every row: a run cut short keeps what it measured
-    write(header(args.quick), bodies)
+            text = run_row(name, args.quick, options)
+            if text is None and name in previous_sections(RESULTS):
+                continue  # keep what an earlier run measured
+            ran[name] = text or f"## {name}\n\n_Not run: `benchmarks/peers/{name}.py` is not in this checkout._"
+            write(header(args.quick), ran, commit)  # after every row: a run cut short keeps what it measured
+    write(header(args.quick), ran, commit)
     print(f"wrote {RESULTS}")
 
 

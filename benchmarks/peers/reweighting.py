@@ -44,6 +44,7 @@ from reweight_digits import shuffled_batches  # noqa: E402
 
 SETTING = {"outer": 100, "inner": 5, "iterations": 5, "lr": 0.1, "batch": 100, "memory_outer": 20}
 PEER_METHODS = ("darts", "neumann", "cg", "cg1", "unroll")
+IMPLICIT = ("neumann", "cg", "cg1")  # approximations of one exact implicit hypergradient
 SOLVER_METHODS = ("cg", "neumann", "kfac0", "kfac")  # the accuracy-per-second table (betty_like only)
 LABEL = {"cg": "cg (5 it.)", "cg1": "cg (1 it., Betty's default)", "kfac0": "kfac, iterations=0 (pure KFAC)",
          "kfac": "kfac (KFAC-PCG, 5 it.)", "neumann": "neumann (5 it.)"}
@@ -275,6 +276,37 @@ def reference(net_name, method, trained, data):
     return -flat(torch.autograd.grad(g, lam, grad_outputs=sol))
 
 
+def implicit_reference(net_name, trained, data):
+    """The exact implicit hypergradient ``-d2L_in/dlambda dw H^+ v`` (dense H, float64) that neumann and cg approximate.
+
+    ``H^+``: the pseudo-inverse, since dead ReLU units make H singular; it gives the minimum-norm solution,
+    the one Krylov solvers started at zero converge to on a consistent system.
+    At the same state as :func:`reference`; H is formed by reverse-over-reverse in chunks (a few
+    thousand weights), so this is a check for small networks only.
+    """
+    train, meta = data[0], data[1]
+    _, wnet = modules(net_name)
+    x, y = nth_batch(train, 1, SETTING["inner"])
+    xm, ym = nth_batch(meta, 2, 1)
+    names = [n for n, _ in trained.named_parameters()]
+    params = [p.detach() for p in trained.parameters()]
+    shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
+
+    def unflatten(wflat):
+        return {n: c.view(s) for n, c, s in zip(names, wflat.split(sizes), shapes, strict=True)}
+
+    def loss(wflat):
+        return inner_loss(torch.func.functional_call(trained, unflatten(wflat), (x,)), y, wnet)
+
+    w0 = flat(params)
+    hessian = torch.func.jacrev(torch.func.grad(loss), chunk_size=256)(w0).detach().double()
+    v = torch.func.grad(lambda w: F.cross_entropy(torch.func.functional_call(trained, unflatten(w), (xm,)), ym))(w0)
+    sol = (torch.linalg.pinv(hessian, hermitian=True, rtol=1e-10) @ v.double()).float()  # dead ReLUs make H singular
+    g = torch.autograd.grad(inner_loss(trained(x), y, wnet), list(trained.parameters()), create_graph=True)
+    return -flat(torch.autograd.grad(g, list(wnet.parameters()), grad_outputs=[sol.view(s) for sol, s in
+                                                                                   zip(sol.split(sizes), shapes, strict=True)]))
+
+
 def flat(tensors):
     return torch.cat([t.flatten() for t in tensors])
 
@@ -337,13 +369,17 @@ def plain_accuracy(net_name, data, steps):
 
 def errors(net_name, data) -> dict:
     """Per peer method: rel. error of each framework's first hypergradient vs the reference, and between them."""
-    out = {}
+    out, exact = {}, None
     for m in PEER_METHODS:
         trained, ours = run_ours(net_name, m, data, 1, capture=True)
         ref = reference(net_name, m, trained, data)
         _, theirs = run_betty(net_name, m, data, 1, capture=True)
-        out[m] = {i: float((g - ref).norm() / ref.norm()) for i, g in (("betty_like", ours), ("betty-ml", theirs))}
+        pair = (("betty_like", ours), ("betty-ml", theirs))
+        out[m] = {i: float((g - ref).norm() / ref.norm()) for i, g in pair}
         out[m]["diff"] = float((ours - theirs).norm() / theirs.norm())
+        if m in IMPLICIT:  # every implicit method is taken at the same state: one dense solve serves them all
+            exact = implicit_reference(net_name, trained, data) if exact is None else exact
+            out[m]["exact"] = tuple(float((g - exact).norm() / exact.norm()) for _, g in pair)
     return out
 
 
@@ -396,14 +432,16 @@ def memory(net_name) -> dict:
 # --------------------------------------------------------------------------- the section
 def peer_table(net_name, t, mem, err) -> list[str]:
     lines = ["| method | betty_like ms/outer step | betty-ml ms/outer step | time ratio | peak MB ours / betty | memory ratio | "
-             "test acc ours / betty | rel. error vs reference ours / betty | first hypergrad rel. diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "test acc ours / betty | rel. error vs reference ours / betty | rel. error vs exact implicit ours / betty | "
+             "first hypergrad rel. diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in PEER_METHODS:
         a, b = t[(m, "betty_like")], t[(m, "betty-ml")]
         ma, mb = mem[(m, "betty_like")], mem[(m, "betty-ml")]
         e = err[m]
         lines.append(f"| {LABEL.get(m, m)} | {spread(a['t'])} | {spread(b['t'])} | {ratio(a['t'], b['t'])} | {ma:.0f} / {mb:.0f} | "
-                     f"{ma / max(mb, 1e-9):.2f} | {a['acc']:.3f} / {b['acc']:.3f} | {e['betty_like']:.1e} / {e['betty-ml']:.1e} | {e['diff']:.1e} |")
+                     f"{ma / max(mb, 1e-9):.2f} | {a['acc']:.3f} / {b['acc']:.3f} | {e['betty_like']:.1e} / {e['betty-ml']:.1e} | "
+                     f"{'{:.2g} / {:.2g}'.format(*e['exact']) if 'exact' in e else '-'} | {e['diff']:.1e} |")
     return lines
 
 
@@ -437,7 +475,7 @@ def goals(per_net) -> list[str]:
     return out
 
 
-def section(quick: bool, repeats: int | None = None, nets: str | None = None, **_) -> str:
+def section(quick: bool, repeats: int | None = None, nets: str | None = None, defaults_nets: str | None = None, **_) -> str:
     """Markdown section: the peer tables, accuracy per second, defaults vs plain training, goals, per network."""
     load = os.getloadavg()[0]
     outer = 20 if quick else SETTING["outer"]
@@ -448,7 +486,7 @@ def section(quick: bool, repeats: int | None = None, nets: str | None = None, **
         err = errors(net_name, data)
         plain = plain_accuracy(net_name, data, outer * SETTING["inner"])
         t = timings(net_name, data, reps, outer)
-        d = defaults(net_name, data, outer)
+        d = defaults(net_name, data, outer) if net_name in (defaults_nets or "mlp").split(",") else None
         per_net[net_name] = (t, memory(net_name), err, plain, d)
     lines = [
         "## Meta-Weight-Net on digits vs betty-ml: MLP and CNN",
@@ -459,29 +497,45 @@ def section(quick: bool, repeats: int | None = None, nets: str | None = None, **
         f"ReLU Linear(256->10) on the 8x8 images. neumann: {SETTING['iterations']} iterations, alpha = 0.1 (= lr); cg: "
         f"{SETTING['iterations']} or 1 iterations (betty_like `tol=1e-30` so it runs them all, as Betty does); darts: Betty's "
         "unscaled form (`darts_scale=\"identity\"`); unroll: reverse mode through the 5 inner steps (betty_like "
-        "`hypergrad=\"unroll\"`; Betty: `IterativeProblem` under `Config(first_order=False)`, its functional params "
-        "detached at each inner-loop start, which Betty leaves to the user). Time: median of "
-        f"{reps} interleaved repeat(s). Peak memory: {SETTING['memory_outer']} outer steps in a child process. Reference: the "
-        "method written out with exact autograd products at the state of the first hypergradient (darts: the exact mixed "
-        "derivative; neumann: the series; cg: textbook CG; unroll: reverse mode through the 5 momentum-SGD steps from init), "
-        "float32. cg with several iterations on this indefinite H (away from a solution): betty_like's cg stops at the "
-        "first non-positive curvature, textbook CG runs on and blows up (no reference there), and Betty builds the next "
-        "direction from the old residual (`betty/hypergradient/cg.py`), which is not CG beyond one iteration. Betty's "
-        "unroll starts from a different state: its `IterativeProblem` takes a real optimizer step on zero gradients "
-        "to create the optimizer state (weight decay moves the weights, and the momentum buffer starts at wd * w).",
+        "`hypergrad=\"unroll\"`; Betty: `IterativeProblem` under `Config(first_order=False)` with `retain_graph=True`, "
+        "which in Betty 0.2.1 needs four work-arounds in the benchmark's subclass: patch the optimizer once (Betty patches "
+        "it twice, then asserts), skip `initialize_optimizer_state` (it fails on the patched optimizer; it would take a "
+        "real step on zero gradients), set the `_fp16` attribute Betty reads but never sets, and detach the functional "
+        "params and momentum buffers at each inner-loop start (Betty keeps the graph across outer steps, so the second "
+        "outer step backpropagates into a freed graph). Time: median of "
+        f"{reps} interleaved repeat(s). Peak memory: {SETTING['memory_outer']} outer steps in a child process. "
+        "`rel. error vs reference`: against the method written out with exact autograd products at the state of the first "
+        "hypergradient (darts: the exact mixed derivative its finite difference approximates; neumann: the series; cg: "
+        "textbook CG; unroll: reverse mode through the 5 momentum-SGD steps from init), float32. `rel. error vs exact "
+        "implicit`: against -d2L/dlambda dw H^+ v with the dense Hessian (float64 pseudo-inverse: dead ReLUs make H "
+        "singular), the quantity neumann and cg approximate; at this state (5 steps from init, far from a solution) "
+        "H is indefinite and no 5-iteration method is close to it. cg with several iterations: betty_like's cg switches "
+        "to MINRES at the first non-positive curvature (valid for a symmetric indefinite system; it warns), textbook CG "
+        "runs on with a negative step and blows up (so 'reference' is no reference there), and Betty builds the next "
+        "direction from the old residual (`betty/hypergradient/cg.py`), which is not CG beyond one iteration. The peer "
+        "rows set `on_solver_failure=\"warn\"` on betty_like's implicit methods (Betty uses whatever its solver returns; "
+        "betty_like raises by default when neumann diverges, as it does on the CNN with alpha = 0.1).",
     ]
     for net_name, (t, mem, err, plain, d) in per_net.items():
         lines += ["", f"### {net_name}: against betty-ml", "", *peer_table(net_name, t, mem, err),
                   "", f"### {net_name}: accuracy per second (betty_like, {SETTING['iterations']}-iteration budget; "
                   f"plain training {plain[0]:.3f} in {plain[1]:.1f} s)", "", *solver_table(t, plain),
-                  "", f"### {net_name}: every method at its defaults against plain training", "",
-                  f"`ProblemConfig(hypergrad=m, unroll_steps={SETTING['inner']})`, nothing else set (the implicit methods: up to 100 "
-                  "iterations, default tolerance); one run each, seed 1; plain: the same classifier, optimizer, init, "
-                  f"batches and {outer * SETTING['inner']} steps, every weight 1. 500 test examples: one example is 0.002.", "",
-                  *default_table(d, plain)]
+                  *default_section(net_name, d, plain, outer)]
     lines += ["", "### Goals (per outer step <= 0.67x Betty's time, <= 0.8x its peak memory, hypergradients at least as accurate)",
               "", *[f"- {g}" for g in goals(per_net)]]
     return "\n".join(lines)
+
+
+def default_section(net_name, d, plain, outer) -> list[str]:
+    """The defaults-vs-plain subsection, or why it was not run for this network."""
+    head = ["", f"### {net_name}: every method at its defaults against plain training", ""]
+    if d is None:
+        return [*head, "Not run for this network (`--defaults-nets`): at the defaults the implicit methods run up to 100 "
+                "solver iterations per outer step, several seconds per outer step on this CNN on the shared machine."]
+    return [*head, f"`ProblemConfig(hypergrad=m, unroll_steps={SETTING['inner']})`, nothing else set (the implicit methods: up to 100 "
+                  "iterations, default tolerance); one run each, seed 1; plain: the same classifier, optimizer, init, "
+            f"batches and {outer * SETTING['inner']} steps, every weight 1. 500 test examples: one example is 0.002.", "",
+            *default_table(d, plain)]
 
 
 if __name__ == "__main__":
