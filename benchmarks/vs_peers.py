@@ -7,7 +7,8 @@ the others, and rewrites ``benchmarks/results/vs_peers.md`` from the sections it
 previous file's sections for rows not rerun (marked with the commit that last wrote them) so that a
 partial rerun on a loaded machine never silently drops results.
 
-Rows: ``reweighting`` (digits reweighting vs betty-ml, MLP and CNN), ``unroll_memory`` (meta-gradient
+Rows: ``reweighting`` (digits reweighting vs betty-ml, MLP and CNN), ``overhead`` (where an outer
+step's time goes in both frameworks, by cProfile), ``unroll_memory`` (meta-gradient
 through K unrolled steps vs torchopt and higher), ``ridge`` (implicit hypergradient of the closed-form
 ridge vs torchopt), ``closed_form`` and ``dense_scaling``.
 
@@ -30,7 +31,7 @@ import torch
 from peers.common import use_peer_paths
 
 RESULTS = Path(__file__).parent / "results" / "vs_peers.md"
-ROWS = ("reweighting", "unroll_memory", "ridge", "closed_form", "dense_scaling")
+ROWS = ("reweighting", "overhead", "unroll_memory", "ridge", "closed_form", "dense_scaling")
 BEGIN, END = "<!-- row: {} -->", "<!-- end row: {} -->"
 
 
