@@ -4,7 +4,7 @@ A thin driver: each comparison is a row module in ``benchmarks/peers/`` exposing
 ``section(quick, **options) -> str`` (a markdown section). The driver imports only the rows asked for
 (``--rows``), so a row whose module is not in this checkout is reported as missing instead of failing
 the others, and rewrites ``benchmarks/results/vs_peers.md`` from the sections it ran, keeping the
-previous file's sections for rows not rerun (marked with the commit that last wrote them) so that a
+previous file's sections for rows not rerun (marked with the commit that holds them) so that a
 partial rerun on a loaded machine never silently drops results.
 
 Rows: ``reweighting`` (digits reweighting vs betty-ml, MLP and CNN), ``overhead`` (where an outer
@@ -76,28 +76,33 @@ def previous_sections(path: Path) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in pattern.finditer(text)}
 
 
-def last_commit(path: Path) -> str:
-    """Short hash of the last commit that wrote ``path`` ('uncommitted' when there is none)."""
-    out = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(path)], capture_output=True, text=True,
-                         cwd=path.parent, check=False)
-    return out.stdout.strip() or "uncommitted"
+MARK = re.compile(r"\n*_From (an earlier|the previous) run[^\n]*_$")
+STAMP = re.compile(r"_Run started [^_\n]*\._")  # unique per row and run: how a kept section finds its commit
 
 
-MARK = re.compile(r"\n*_From an earlier run \(results file last committed in \w+\)\._$")
+def commit_of(stamp: str) -> str:
+    """Short hash of the last commit that added or removed ``stamp`` in the results file (the run's own commit)."""
+    out = subprocess.run(["git", "log", "-1", "--format=%h", "-S", stamp, "--", RESULTS.name], capture_output=True,
+                         text=True, cwd=RESULTS.parent, check=False)
+    return out.stdout.strip() or "not yet committed"
 
 
-def kept(text: str, commit: str) -> str:
-    """A section this invocation did not run, marked as such (an existing mark is kept)."""
-    return text if MARK.search(text) else f"{text}\n\n_From an earlier run (results file last committed in {commit})._"
+def kept(text: str) -> str:
+    """A section this invocation did not run, marked with the commit that holds it (found by its start stamp)."""
+    text = MARK.sub("", text)
+    if "_Not run:" in text:  # a placeholder for a missing row module: nothing was measured
+        return text
+    stamp = STAMP.search(text)
+    return f"{text}\n\n_From the previous run, commit {commit_of(stamp.group(0)) if stamp else 'unknown'}._"
 
 
-def write(head: str, ran: dict[str, str], commit: str) -> None:
+def write(head: str, ran: dict[str, str]) -> None:
     """The results file: the header, then each row's section in the order of ``ROWS``.
 
     Rows not run by this invocation are read from the file as it is now, not as it was at start, so
     that two drivers running different rows at once do not overwrite each other's sections.
     """
-    bodies = {n: kept(t, commit) for n, t in previous_sections(RESULTS).items() if n in ROWS and n not in ran}
+    bodies = {n: kept(t) for n, t in previous_sections(RESULTS).items() if n in ROWS and n not in ran}
     bodies.update(ran)
     parts = [head] + [f"{BEGIN.format(n)}\n{bodies[n].strip()}\n{END.format(n)}" for n in ROWS if n in bodies]
     RESULTS.write_text("\n\n".join(parts) + "\n")
@@ -112,15 +117,16 @@ def run_row(name: str, quick: bool, options: dict) -> str | None:
             raise
         print(f"row {name}: not run, benchmarks/peers/{name}.py is not in this checkout", flush=True)
         return None
-    started, start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
+    started, start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), time.perf_counter()
     text = module.section(quick, **options).strip()
     print(f"row {name}: {time.perf_counter() - start:.0f} s", flush=True)
-    return f"{text}\n\n_Run started {started}._"
+    return f"{text}\n\n_Run started {started}, row {name}._"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated, from {', '.join(ROWS)}; empty: only re-mark the kept sections")
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (a smoke run)")
     parser.add_argument("--ks", default=None, help="unroll_memory: K values, e.g. 10,50,100")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (rows that time)")
@@ -134,15 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     use_peer_paths()
     options = {k: v for k, v in {"ks": args.ks, "repeats": args.repeats, "nets": args.nets, "defaults_nets": args.defaults_nets}.items() if v is not None}
-    commit, ran = last_commit(RESULTS), {}
+    ran: dict[str, str] = {}
     for name in ROWS:
         if name in rows:
             text = run_row(name, args.quick, options)
             if text is None and name in previous_sections(RESULTS):
                 continue  # keep what an earlier run measured
             ran[name] = text or f"## {name}\n\n_Not run: `benchmarks/peers/{name}.py` is not in this checkout._"
-            write(header(args.quick), ran, commit)  # after every row: a run cut short keeps what it measured
-    write(header(args.quick), ran, commit)
+            write(header(args.quick), ran)  # after every row: a run cut short keeps what it measured
+    write(header(args.quick), ran)
     print(f"wrote {RESULTS}")
 
 
