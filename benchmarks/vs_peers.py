@@ -76,7 +76,7 @@ def previous_sections(path: Path) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in pattern.finditer(text)}
 
 
-MARK = re.compile(r"\n*_From (an earlier|the previous) run[^\n]*_$")
+MARK = re.compile(r"(\n*_From (an earlier|the previous) run[^\n]*_)+$")
 STAMP = re.compile(r"_Run started [^_\n]*\._")  # unique per row and run: how a kept section finds its commit
 
 
