@@ -68,5 +68,6 @@ class Evaluations:
         result = evaluate()
         if self.saved is None:  # the step's own forward: what a plain step would leave
             self.saved = [b.detach().clone() for b in self.buffers]
-            self.after_first = random_states()
+            # only a fixed-randomness problem rewinds the generators, so only then is their state kept
+            self.after_first = random_states() if self.fixed else None
         return result
