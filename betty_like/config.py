@@ -90,7 +90,7 @@ class ProblemConfig:
             changes, never the solve's answer (except at ``iterations=0``, pure KFAC).
         kfac_refresh: ``kfac`` recomputes its factors after this many solves (one per upper step in
             a bilevel program); stale factors slow the solve, never change its answer.
-        alpha: Neumann step size; ``None`` uses the problem's learning rate.
+        alpha: Neumann step size; ``None`` uses ``1 / L``, ``L`` the Hessian's largest eigenvalue estimated by power iteration.
         tol: relative residual at which the solver stops; ``None`` picks a tolerance suited to the
             parameter dtype (1e-12 for float64, 1e-6 for float32, 1e-3 for half types).
         damping: ridge added to the Hessian (``H + damping * I``) for indefinite or singular losses.

@@ -297,6 +297,7 @@ def test_a_small_iteration_budget_is_reported_and_logged_but_no_error(caplog):
         ({"damping": "0.1"}, r"damping='0.1' is invalid"),
         ({"grad_clip": math.inf}, r"grad_clip=inf is invalid"),
         ({"on_solver_failure": "sometimes"}, r"on_solver_failure='sometimes'.*\['raise', 'warn', 'ignore'\]"),
+        ({"indefinite": "ignore"}, r"indefinite='ignore' is invalid: choose one of \['minres', 'fail'\]"),
     ],
 )
 def test_non_finite_and_mistyped_config_values_are_rejected(kwargs, message):
