@@ -199,7 +199,7 @@ def test_a_diverging_series_continues_with_minres_exactly_and_says_so(method, ca
     print(f"{method}: relative error {error:.2e} against torch.linalg.solve ({info.describe()})")
     assert error < 1e-8
     logged = [r.getMessage() for r in caplog.records if "continued with MINRES" in r.getMessage()]
-    assert len(logged) == 1 and f"its {method} series diverged" in logged[0] and "indefinite='fail'" in logged[0]
+    assert len(logged) == 1 and f"its {method} iteration diverged" in logged[0] and "indefinite='fail'" in logged[0]
 
 
 @pytest.mark.parametrize("method", ["neumann", "fixed_point"])

@@ -200,9 +200,10 @@ class _Record:
         if solve.negative_curvature:
             found = "its Hessian is indefinite here (cg met non-positive curvature)"
         else:
+            step = "the step" if info.method == "neumann" else "its learning rate"
             found = (
-                f"its {info.method} series diverged (its Hessian is indefinite here, or the step is above 2 / L); "
-                "a diverging series has no answer to give"
+                f"its {info.method} iteration diverged (its Hessian is indefinite here, or {step} is above 2 / L), "
+                "so its partial sum is no answer"
             )
         message = (
             f"problem {info.problem!r}: {found}; the solve continued with MINRES, valid for a symmetric indefinite "
