@@ -23,6 +23,7 @@ EXECUTIONS = ("eager", "compiled", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 HVP_PRECISIONS = ("fp32", "autocast")
 CURVATURES = ("hessian", "gauss_newton")
+INDEFINITE = ("minres", "fail")
 
 
 def _require(condition: bool, owner: str, field: str, value: object, fix: str) -> None:
@@ -75,12 +76,21 @@ class ProblemConfig:
             kfac): ``"hessian"`` (exact, default) or ``"gauss_newton"`` (``J^T H_out J``, positive
             semi-definite for a convex output loss, so CG meets no negative curvature; approximate
             where the loss's gradient in the outputs is not zero). Needs ``Problem.output_loss``.
+        indefinite: what an implicit solve does when its iteration shows the system cannot be solved
+            that way: ``cg`` (and ``kfac``) meeting non-positive curvature, a ``neumann`` series (or the
+            ``fixed_point`` iteration of an SGD update, whose system is the Hessian's) found diverging
+            after a fresh curvature estimate. ``"minres"`` (default): solve the same symmetric system
+            again with MINRES on the remaining budget, valid for an indefinite Hessian; the solver is
+            reported ``"cg+minres"``, ``"neumann+minres"`` or ``"fixed_point+minres"`` and logged once.
+            ``"fail"``: report the failure (``on_solver_failure``). ``fixed_point`` of an update that is
+            not a scalar multiple of the gradient step (Adam, per-group learning rates) is no symmetric
+            system and always fails.
         kfac_damping: ``λ`` of each Kronecker block's inverse ``(A ⊗ G + λ I)^-1`` in ``kfac``;
             ``None``: ``damping`` plus 1e-3 times the block's mean eigenvalue. Only the preconditioner
             changes, never the solve's answer (except at ``iterations=0``, pure KFAC).
         kfac_refresh: ``kfac`` recomputes its factors after this many solves (one per upper step in
             a bilevel program); stale factors slow the solve, never change its answer.
-        alpha: Neumann step size; ``None`` uses the problem's learning rate.
+        alpha: Neumann step size; ``None`` uses ``1 / L``, ``L`` the Hessian's largest eigenvalue estimated by power iteration.
         tol: relative residual at which the solver stops; ``None`` picks a tolerance suited to the
             parameter dtype (1e-12 for float64, 1e-6 for float32, 1e-3 for half types).
         damping: ridge added to the Hessian (``H + damping * I``) for indefinite or singular losses.
@@ -169,6 +179,7 @@ class ProblemConfig:
     compile_hypergrad: bool | str = False
     solver_check_every: int | None = None
     curvature: str = "hessian"
+    indefinite: str = "minres"
     kfac_refresh: int = 1
     kfac_damping: float | None = None
     accumulate_steps: int = 1
@@ -188,6 +199,7 @@ class ProblemConfig:
             ("unroll_memory", UNROLL_MEMORY),
             ("hvp_precision", HVP_PRECISIONS),
             ("curvature", CURVATURES),
+            ("indefinite", INDEFINITE),
         ):
             value = getattr(self, name)
             _require(value in choices, owner, name, value, f"choose one of {list(choices)}")

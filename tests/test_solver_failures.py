@@ -16,7 +16,9 @@ from torch import nn
 from toy import Outer, bilevel
 
 from betty_like import Engine, EngineConfig, Problem, ProblemConfig
-from betty_like.hypergrad import conjugate_gradient, minres, neumann_series
+from betty_like.hypergrad import CurvatureEstimate, conjugate_gradient, minres, neumann_series
+from betty_like.hypergrad.fixed_point import symmetric_update
+from betty_like.optim import FunctionalOptimizer
 from betty_like.testing import ridge
 from betty_like.testing.closed_form import regression_data
 
@@ -31,7 +33,7 @@ def ridge_hessian() -> tuple[torch.Tensor, float]:
 # --------------------------------------------------------------------------- divergence
 def test_divergent_neumann_raises_naming_lower_method_residuals_and_fix():
     _, lipschitz = ridge_hessian()
-    case = ridge("neumann", alpha=2.05 / lipschitz)
+    case = ridge("neumann", alpha=2.05 / lipschitz, indefinite="fail")  # the default continues with MINRES
     with pytest.raises(FloatingPointError) as error:
         case.engine.run()
     message = str(error.value)
@@ -44,7 +46,8 @@ def test_divergent_neumann_raises_naming_lower_method_residuals_and_fix():
 def test_divergence_is_caught_from_the_trend_long_before_a_blow_up():
     hessian, lipschitz = ridge_hessian()
     b = {"w": torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)}
-    _, info = neumann_series(lambda u: {"w": hessian @ u["w"]}, b, iterations=1000, tol=1e-12, alpha=2.05 / lipschitz)
+    matvec = lambda u: {"w": hessian @ u["w"]}  # noqa: E731
+    _, info = neumann_series(matvec, b, iterations=1000, tol=1e-12, alpha=2.05 / lipschitz, indefinite="fail")
     assert info.outcome == "diverged" and info.failed
     assert info.iterations < 200 and info.residual < 1e3  # |1 - 2.05| = 1.05 per step: the trend, not 1e12
     assert all(later > earlier for earlier, later in zip(info.residuals[-5:], info.residuals[-4:], strict=False))
@@ -52,14 +55,14 @@ def test_divergence_is_caught_from_the_trend_long_before_a_blow_up():
 
 def test_divergent_fixed_point_raises_with_its_own_fix():
     _, lipschitz = ridge_hessian()
-    case = ridge("fixed_point", lr=2.05 / lipschitz)
+    case = ridge("fixed_point", lr=2.05 / lipschitz, indefinite="fail")
     with pytest.raises(FloatingPointError, match=r"fixed_point solve through lower problem 'inner' failed.*lower its learning rate"):
         case.engine.run()
 
 
 def test_warn_logs_every_step_with_the_step_and_ignore_is_silent(caplog):
     _, lipschitz = ridge_hessian()
-    case = ridge("neumann", alpha=2.05 / lipschitz, on_solver_failure="warn")
+    case = ridge("neumann", alpha=2.05 / lipschitz, on_solver_failure="warn", indefinite="fail")
     case.engine.config.train_iters = 3
     with caplog.at_level(logging.WARNING, logger="betty_like"):
         case.engine.run()
@@ -70,7 +73,7 @@ def test_warn_logs_every_step_with_the_step_and_ignore_is_silent(caplog):
     assert case.engine.status("penalty").diagnostics["inner"].solve.outcome == "diverged"
 
     caplog.clear()
-    quiet = ridge("neumann", alpha=2.05 / lipschitz, on_solver_failure="ignore")
+    quiet = ridge("neumann", alpha=2.05 / lipschitz, on_solver_failure="ignore", indefinite="fail")
     with caplog.at_level(logging.WARNING, logger="betty_like"):
         quiet.engine.run()
     assert not caplog.records
@@ -146,9 +149,107 @@ def test_cg_never_hands_on_its_truncated_iterate():
     assert info.outcome == "negative_curvature" and info.failed
 
 
-def test_neumann_on_a_saddle_fails_instead_of_answering():
-    engine, _ = saddle("neumann")
+def test_neumann_on_a_saddle_fails_instead_of_answering_when_told_to():
+    engine, _ = saddle("neumann", indefinite="fail")
     with pytest.raises(FloatingPointError, match=r"lower problem 'lower' failed: neumann diverged.*cg handles that"):
+        engine.run()
+
+
+# --------------------------------------------------------------------------- a diverging series continues with MINRES
+ROTATION, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+SPECTRUM = torch.tensor([3.0, 2.0, 1.0, 0.5, -0.7, -1.5], dtype=torch.float64)
+INDEFINITE = ROTATION @ torch.diag(SPECTRUM) @ ROTATION.T  # symmetric, two negative eigenvalues, not diagonal
+LOAD = torch.linspace(-1.0, 2.0, 6, dtype=torch.float64)
+OFFSET = torch.linspace(0.5, -0.5, 6, dtype=torch.float64)
+
+
+class IndefiniteLower(Problem):
+    def training_step(self, batch):
+        w = self.module()
+        return 0.5 * w @ INDEFINITE @ w - self.upper() * (LOAD @ w)
+
+
+def indefinite_case(method: str, optimizer=None, **config) -> tuple[Engine, float]:
+    """Lower: the stationary point ``w* = lam A^-1 b`` of ``0.5 w^T A w - lam b^T w`` (``A`` indefinite);
+    upper: ``0.5 ||w* - t||^2`` with ``w* - t = c``. Exact hypergradient: ``c^T A^-1 b``, by ``torch.linalg.solve``."""
+    lam = torch.tensor(1.0, dtype=torch.float64)
+    w_star = lam * torch.linalg.solve(INDEFINITE, LOAD)
+    lower_module, upper_module = Point(w_star), Point(lam)
+    optimizer = optimizer or (lambda params: torch.optim.SGD(params, lr=0.5))
+    lower = IndefiniteLower(
+        "lower", module=lower_module, optimizer=optimizer(lower_module.parameters()), data=[0],
+        config=ProblemConfig(hypergrad=method, **config),
+    )
+    upper = SaddleUpper("upper", module=upper_module, optimizer=torch.optim.SGD(upper_module.parameters(), lr=0.0), data=[0])
+    upper.target = w_star - OFFSET
+    engine = Engine([upper, lower], {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}, EngineConfig(train_iters=1))
+    return engine, float(OFFSET @ torch.linalg.solve(INDEFINITE, LOAD))
+
+
+@pytest.mark.parametrize("method", ["neumann", "fixed_point"])
+def test_a_diverging_series_continues_with_minres_exactly_and_says_so(method, caplog):
+    """The default neumann and fixed_point (SGD) on an indefinite Hessian: exact answer, ``+minres``, one log line."""
+    engine, exact = indefinite_case(method)
+    with caplog.at_level(logging.WARNING, logger="betty_like"):
+        engine.run()
+    info = engine.status("upper").diagnostics["lower"].solve
+    assert info.solver == f"{method}+minres" and info.outcome == "converged" and not info.failed, info.describe()
+    assert not info.negative_curvature  # a divergence is no proof of indefiniteness (a step above 2 / L diverges too)
+    error = abs(float(engine.status("upper").gradient["upper.w"]) - exact) / abs(exact)
+    print(f"{method}: relative error {error:.2e} against torch.linalg.solve ({info.describe()})")
+    assert error < 1e-8
+    logged = [r.getMessage() for r in caplog.records if "continued with MINRES" in r.getMessage()]
+    assert len(logged) == 1 and f"its {method} iteration diverged" in logged[0] and "indefinite='fail'" in logged[0]
+
+
+@pytest.mark.parametrize("method", ["neumann", "fixed_point"])
+def test_indefinite_fail_still_raises_on_a_diverging_series(method):
+    engine, _ = indefinite_case(method, indefinite="fail")
+    with pytest.raises(FloatingPointError, match=rf"{method} solve through lower problem 'lower' failed: {method} diverged") as error:
+        engine.run()
+    assert type(error.value).__name__ == "SolverFailure"
+
+
+def test_the_minres_restart_comes_after_the_estimate_is_measured_again_and_the_series_repeated():
+    """A stale estimate is measured again first (a series that then converges needs no MINRES); a series
+    that still diverges with the fresh estimate restarts with MINRES."""
+    ridge_matrix, _ = ridge_hessian()
+    curvature = CurvatureEstimate()
+    b = {"w": LOAD[:5].clone()}
+    neumann_series(lambda u: {"w": ridge_matrix @ u["w"]}, b, iterations=400, tol=1e-12, alpha=None, estimate=curvature)
+    _, repeated = neumann_series(
+        lambda u: {"w": 4.0 * ridge_matrix @ u["w"]}, b, iterations=400, tol=1e-12, alpha=None, estimate=curvature
+    )
+    assert repeated.solver == "neumann" and repeated.estimated and repeated.outcome == "converged"
+    stale = CurvatureEstimate(value=1.0)  # kept from an earlier solve
+    x, info = neumann_series(
+        lambda u: {"w": INDEFINITE @ u["w"]}, {"w": LOAD.clone()}, iterations=100, tol=1e-12, alpha=None, estimate=stale
+    )
+    assert info.solver == "neumann+minres" and info.outcome == "converged"
+    assert info.estimated and stale.value == pytest.approx(3.0, rel=1e-2)  # measured again before the restart
+    assert info.products > 10 + info.iterations  # the stale attempt, the power iterations, the repeat and MINRES
+    exact = torch.linalg.solve(INDEFINITE, LOAD)
+    assert float(torch.linalg.vector_norm(x["w"] - exact) / torch.linalg.vector_norm(exact)) < 1e-10
+
+
+def test_fixed_point_restarts_only_where_its_system_is_symmetric():
+    """SGD (any momentum, one step scale) gives ``c (H + wd)``: symmetric. Adam's ``D H`` and two learning rates are not."""
+    def sym(optimizer_cls, **kwargs) -> bool:
+        net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        groups = kwargs.pop("groups", None) or [{"params": list(net.parameters())}]
+        optimizer = optimizer_cls(groups, **kwargs)
+        names = {id(p): n for n, p in net.named_parameters()}
+        return symmetric_update(FunctionalOptimizer.from_optimizer(optimizer, names, "lower"))
+
+    assert sym(torch.optim.SGD, lr=0.1) and sym(torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
+    net_groups = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    assert not sym(torch.optim.Adam, lr=0.1)
+    two_rates = [{"params": net_groups[0].parameters(), "lr": 0.1}, {"params": net_groups[1].parameters(), "lr": 0.2}]
+    optimizer = torch.optim.SGD(two_rates, lr=0.1)
+    names = {id(p): n for n, p in net_groups.named_parameters()}
+    assert not symmetric_update(FunctionalOptimizer.from_optimizer(optimizer, names, "lower"))
+    engine, _ = indefinite_case("fixed_point", optimizer=lambda params: torch.optim.Adam(params, lr=0.5))
+    with pytest.raises(FloatingPointError, match=r"fixed_point solve through lower problem 'lower' failed"):
         engine.run()
 
 
@@ -196,6 +297,7 @@ def test_a_small_iteration_budget_is_reported_and_logged_but_no_error(caplog):
         ({"damping": "0.1"}, r"damping='0.1' is invalid"),
         ({"grad_clip": math.inf}, r"grad_clip=inf is invalid"),
         ({"on_solver_failure": "sometimes"}, r"on_solver_failure='sometimes'.*\['raise', 'warn', 'ignore'\]"),
+        ({"indefinite": "ignore"}, r"indefinite='ignore' is invalid: choose one of \['minres', 'fail'\]"),
     ],
 )
 def test_non_finite_and_mistyped_config_values_are_rejected(kwargs, message):

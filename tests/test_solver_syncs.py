@@ -93,7 +93,7 @@ def test_negative_curvature_is_still_found_and_minres_continues():
 
 def test_divergence_and_nan_are_still_found():
     matvec, b, _ = system(SPD)
-    _, info = neumann_series(matvec, b, iterations=200, tol=1e-10, alpha=1.5, check_every=16)  # |1 - 1.5 * 2| > 1
+    _, info = neumann_series(matvec, b, iterations=200, tol=1e-10, alpha=1.5, check_every=16, indefinite="fail")  # |1 - 3| > 1
     assert info.outcome == "diverged"
     calls = [0]
 

@@ -331,10 +331,20 @@ def _continue_indefinite(
     matvec: MatVec, b: Params, settings: tuple[int, float, int], indefinite: str, info: SolveInfo
 ) -> tuple[Params, SolveInfo]:
     """CG met non-positive curvature: start again with MINRES on the remaining budget, or fail."""
-    iterations, tol, check_every = settings
     info.negative_curvature = True
     if indefinite != "minres":
         return zeros_like(b), info.finish("negative_curvature")
+    return _restart_with_minres(matvec, b, settings, info)
+
+
+def _restart_with_minres(
+    matvec: MatVec, b: Params, settings: tuple[int, float, int], info: SolveInfo
+) -> tuple[Params, SolveInfo]:
+    """Solve again from zero with MINRES on the remaining budget (at least half of ``iterations``).
+
+    The failed solve's history stays in ``info``, followed by MINRES's; ``info.solver`` gets ``+minres``.
+    """
+    iterations, tol, check_every = settings
     budget = max(iterations - info.iterations, (iterations + 1) // 2)
     x, rest = minres(matvec, b, iterations=budget, tol=tol, check_every=check_every)
     info.solver += "+minres"
@@ -456,6 +466,7 @@ def neumann(
     alpha: float | None,
     estimate: CurvatureEstimate | None = None,
     check_every: int = 1,
+    indefinite: str = "minres",
 ) -> tuple[Params, SolveInfo]:
     """Solve ``A x = b`` by the Neumann series ``x = alpha * sum_j (I - alpha A)^j b``.
 
@@ -469,9 +480,21 @@ def neumann(
     Residuals are read every ``check_every`` iterations (see :func:`conjugate_gradient`); a converged
     sum stops growing on the device. A divergence is seen at the next check (the failed sum returned
     with it holds the terms up to that check).
+
+    A series that diverges (after a stale estimate was measured again and the series repeated) cannot
+    converge with this step: ``A`` is indefinite (far from a minimum) or ``alpha`` is above ``2 / L``.
+    For symmetric ``A`` (a Hessian; the caller says so) ``indefinite="minres"`` then solves the same
+    system again with MINRES on the remaining budget (at least half of ``iterations``; the solver is
+    reported ``"neumann+minres"``); ``indefinite="fail"`` reports ``diverged`` with the failed sum.
     """
+    if indefinite not in ("minres", "fail"):
+        raise ValueError(f"indefinite={indefinite!r} is invalid: use 'minres' or 'fail'")
     kept = estimate if estimate is not None else CurvatureEstimate()
-    return _neumann(matvec, b, (iterations, tol, check_every), alpha, kept)
+    settings = (iterations, tol, check_every)
+    x, info = _neumann(matvec, b, settings, alpha, kept)
+    if info.outcome == "diverged" and indefinite == "minres":
+        return _restart_with_minres(matvec, b, settings, info)
+    return x, info
 
 
 def _neumann(

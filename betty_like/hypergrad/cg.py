@@ -29,7 +29,7 @@ def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
     products = compiled_hessian(ctx) if jacobian is None else None
     solve = partial(
         conjugate_gradient, iterations=ctx.config.iterations, tol=default_tolerance(ctx), check_every=check_every(ctx),
-        repeat=fused_iterations(ctx, products),
+        indefinite=ctx.config.indefinite, repeat=fused_iterations(ctx, products),
     )
     return root_push(ctx, gradient_residual(ctx), solve, "cg", symmetric=True, compiled=lambda _: products, jacobian=jacobian)
 

@@ -10,15 +10,19 @@ result is still the implicit hypergradient.
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
 from ._context import HypergradContext, HypergradInfo
 from ._curvature import gauss_newton
 from ._implicit import Residual, check_every, compiled_hessian, default_tolerance, root_push
-from ._linsolve import GraphMatVec, MatVec, neumann
+from ._linsolve import GraphMatVec, MatVec, SolveInfo, Solver, neumann
 from ._method import Method
 from ._tree import Params, grads
+
+if TYPE_CHECKING:
+    from ..optim import FunctionalOptimizer
 
 
 def update_residual(ctx: HypergradContext) -> Residual:
@@ -90,13 +94,57 @@ def gauss_newton_update(ctx: HypergradContext) -> GraphMatVec:
     return product
 
 
+def symmetric_update(optimizer: FunctionalOptimizer) -> bool:
+    """Whether ``d(w - Phi)/dw`` is a symmetric matrix: ``c * (s H + W)``, one scalar ``c`` and sign ``s`` for all parameters.
+
+    SGD's update (state frozen) is ``w - lr * k * (s g + wd * w)``, with ``k`` the momentum buffer's
+    (or Nesterov's) factor on the gradient, a scalar. Its Jacobian is symmetric when ``lr * k`` and
+    ``s`` (``maximize``) are the same for every parameter (weight decay may differ: ``W`` is diagonal).
+    Adam's ``g / sqrt(v)`` gives ``D H`` with ``D`` a diagonal of different entries: not symmetric.
+    """
+    if type(optimizer.optimizer) is not torch.optim.SGD:
+        return False
+    hyperparameters = optimizer.hyperparameters()
+    scalars = set()
+    for name, hp in hyperparameters.items():
+        factor = 1.0
+        if hp["momentum"]:
+            factor = 1.0 if "momentum_buffer" not in optimizer.state.get(name, {}) else 1.0 - hp["dampening"]
+            if hp["nesterov"]:
+                factor = 1.0 + hp["momentum"] * factor
+        scalars.add((float(hp["lr"]) * factor, bool(hp["maximize"])))
+    return len(scalars) <= 1
+
+
+def _named(solver: Solver) -> Solver:
+    """``solver`` reporting itself as ``fixed_point`` (``fixed_point+minres`` after a MINRES restart)."""
+
+    def solve(matvec: MatVec, b: Params) -> tuple[Params, SolveInfo]:
+        x, info = solver(matvec, b)
+        info.solver = info.solver.replace("neumann", "fixed_point", 1)
+        return x, info
+
+    return solve
+
+
 def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
+    """``v^T dw*/dx`` by implicit differentiation of the optimizer's update map.
+
+    The iteration ``u <- v + (dPhi/dw)^T u`` is a Neumann series with ``alpha = 1`` on ``d(w - Phi)/dw``.
+    Where that matrix is symmetric (:func:`symmetric_update`: SGD with one step scale for every
+    parameter, a multiple of the Hessian plus weight decay) a diverging iteration is solved again by
+    MINRES (``ProblemConfig(indefinite="minres")``, the default); elsewhere a divergence is reported.
+    """
     if ctx.optimizer.learning_rate() <= 0:
         raise ValueError(
             f"fixed_point for problem {ctx.owner!r} differentiates its optimizer's update, which is the "
             "identity at learning rate 0: give the optimizer a positive learning rate, or use hypergrad='cg'"
         )
-    solve = partial(neumann, iterations=ctx.config.iterations, tol=default_tolerance(ctx), alpha=1.0, check_every=check_every(ctx))
+    indefinite = ctx.config.indefinite if symmetric_update(ctx.optimizer) else "fail"
+    solve = _named(partial(
+        neumann, iterations=ctx.config.iterations, tol=default_tolerance(ctx), alpha=1.0, check_every=check_every(ctx),
+        indefinite=indefinite,
+    ))
     jacobian = gauss_newton_update(ctx) if ctx.config.curvature == "gauss_newton" else None
     return root_push(ctx, update_residual(ctx), solve, "fixed_point", symmetric=False, compiled=compiled_update, jacobian=jacobian)
 

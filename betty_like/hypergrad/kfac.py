@@ -54,7 +54,10 @@ def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
 
     def solve(matvec: MatVec, b: Params) -> tuple[Params, SolveInfo]:
         preconditioner, setup_products = _preconditioner(ctx, matvec, b)
-        x, info = conjugate_gradient(matvec, b, iterations=ctx.config.iterations, tol=tol, preconditioner=preconditioner)
+        x, info = conjugate_gradient(
+            matvec, b, iterations=ctx.config.iterations, tol=tol, preconditioner=preconditioner,
+            indefinite=ctx.config.indefinite,
+        )
         info.solver = "kfac" if ctx.config.iterations == 0 else "kfac-" + info.solver
         info.products += setup_products
         return x, info

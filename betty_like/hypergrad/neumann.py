@@ -20,6 +20,9 @@ def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
     every so often or when a series run with it diverges. The learning rate, the old default, is no safe choice: an Adam
     lower's learning rate has no relation to its Hessian (81 % error measured), and an SGD rate near
     ``2 / L`` makes the series diverge.
+
+    A series that still diverges (an indefinite Hessian, far from a minimum) is solved again by MINRES
+    (``ProblemConfig(indefinite="minres")``, the default; ``"fail"`` reports the divergence).
     """
     solve = partial(
         neumann,
@@ -28,6 +31,7 @@ def push(ctx: HypergradContext) -> tuple[Params, HypergradInfo]:
         alpha=ctx.config.alpha,
         estimate=ctx.eigenvalue,
         check_every=check_every(ctx),
+        indefinite=ctx.config.indefinite,
     )
     return root_push(ctx, gradient_residual(ctx), solve, "neumann", symmetric=True, compiled=compiled_hessian, jacobian=curvature(ctx))
 

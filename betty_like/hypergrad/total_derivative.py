@@ -195,15 +195,24 @@ class _Record:
             return
         self.infos[info.problem] = info
         solve = info.solve
-        if solve is not None and solve.negative_curvature and not solve.failed:
-            message = (
-                f"problem {info.problem!r}: its Hessian is indefinite here (cg met non-positive curvature); the "
-                "solve continued with MINRES, valid for a symmetric indefinite system. If its loss should be "
-                "convex near its solution, train it further, set ProblemConfig(damping=...), or use "
-                "ProblemConfig(curvature='gauss_newton'), whose products are positive semi-definite"
+        if solve is None or solve.failed or not solve.solver.endswith("+minres"):
+            return
+        if solve.negative_curvature:
+            found = "its Hessian is indefinite here (cg met non-positive curvature)"
+        else:
+            step = "the step" if info.method == "neumann" else "its learning rate"
+            found = (
+                f"its {info.method} iteration diverged (its Hessian is indefinite here, or {step} is above 2 / L), "
+                "so its partial sum is no answer"
             )
-            if message not in self.warnings:
-                self.warnings.append(message)
+        message = (
+            f"problem {info.problem!r}: {found}; the solve continued with MINRES, valid for a symmetric indefinite "
+            "system. If its loss should be convex near its solution, train it further, set ProblemConfig(damping=...), "
+            "or use ProblemConfig(curvature='gauss_newton'), whose products are positive semi-definite; "
+            "ProblemConfig(indefinite='fail') reports the failure instead"
+        )
+        if message not in self.warnings:
+            self.warnings.append(message)
 
 
 def _failed(info: HypergradInfo) -> bool:
