@@ -107,7 +107,9 @@ def ours_config(method: str) -> dict:
     its, warn = SETTING["iterations"], {"on_solver_failure": "warn"}  # Betty uses whatever its solver returns
     return {
         "darts": {"hypergrad": "darts", "darts_scale": "identity"},
-        "neumann": {"hypergrad": "neumann", "iterations": its, "alpha": SETTING["lr"], "tol": 1e-30, **warn},
+        # indefinite="fail": keep Betty's series even where it diverges (the default would continue with MINRES)
+        "neumann": {"hypergrad": "neumann", "iterations": its, "alpha": SETTING["lr"], "tol": 1e-30,
+                    "indefinite": "fail", **warn},
         "cg": {"hypergrad": "cg", "iterations": its, "tol": 1e-30, **warn},
         "cg1": {"hypergrad": "cg", "iterations": 1, "tol": 1e-30, **warn},
         "unroll": {"hypergrad": "unroll"},
@@ -521,7 +523,8 @@ def section(quick: bool, repeats: int | None = None, nets: str | None = None, de
         "runs on with a negative step and blows up (so 'reference' is no reference there), and Betty builds the next "
         "direction from the old residual (`betty/hypergradient/cg.py`), which is not CG beyond one iteration. The peer "
         "rows set `on_solver_failure=\"warn\"` on betty_like's implicit methods (Betty uses whatever its solver returns; "
-        "betty_like raises by default when neumann diverges, as it does on the CNN with alpha = 0.1).",
+        "neumann also sets `indefinite=\"fail\"`, so that a series that diverges, as on the CNN with alpha = 0.1, is "
+        "used as it is, as Betty does, instead of being continued with MINRES as at betty_like's defaults).",
     ]
     for net_name, (t, mem, err, plain, d) in per_net.items():
         lines += ["", f"### {net_name}: against betty-ml", "", *peer_table(net_name, t, mem, err),
