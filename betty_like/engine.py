@@ -43,7 +43,7 @@ from .distributed import DataParallel
 from .execution import ExecutionChoice, plan_executions, plan_hvps
 from .graph import Graph
 from .hypergrad import HypergradInfo, Program, hypergradient
-from .hypergrad._tree import detach
+from .hypergrad._tree import aliases, detach
 from .hypergrad.unroll_memory import WindowStep, keeps_graph, rematerialized, window_gradient
 from .logging import Metrics, log_policies
 from .optim import Params, clip_grad_norm
@@ -401,7 +401,7 @@ class Engine:
             values = [self.current_params() if values is None else values] * parts
         total = None
         for (shard, share), own in zip(split_batch(batch, parts), values, strict=True):
-            loss = self._loss(name, shard, {k: t.view_as(t) for k, t in own.items()}) * (factor * share)
+            loss = self._loss(name, shard, aliases(own)) * (factor * share)
             total = loss if total is None else total + loss
         return total
 

@@ -36,6 +36,15 @@ def zeros_like(x: Params) -> Params:
     return {k: torch.zeros_like(v) for k, v in x.items()}
 
 
+def aliases(x: Params) -> Params:
+    """A view of each tensor: derivatives reaching a view are summed there before they reach the tensor.
+
+    Micro-batches (``accumulate_steps``) give each shard its own views, so that each shard's terms are
+    summed first and the shards then, the order of a rank's sum followed by data parallel's all-reduce.
+    """
+    return {k: t.view_as(t) for k, t in x.items()}
+
+
 def detach(x: Params) -> Params:
     return {k: v.detach() for k, v in x.items()}
 

@@ -36,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ._context import HypergradContext, HypergradInfo, _identity
 from ._linsolve import CurvatureEstimate, MatVec
 from ._method import Method
-from ._tree import Params, grads
+from ._tree import Params, aliases, grads
 
 if TYPE_CHECKING:
     from ..graph import Graph
@@ -226,11 +226,6 @@ def _merge(base: Params, responses: Mapping[str, Params]) -> Params:
     return merged
 
 
-def _alias(params: Params) -> Params:
-    """A view of each tensor: the derivatives reaching it are summed there before they reach the tensor."""
-    return {k: t.view_as(t) for k, t in params.items()}
-
-
 def _loss_values(base: Params, responses: Mapping[str, Params], shards: list[dict[str, Params]]) -> Any:
     """What a level's loss is called with: every parameter (``base`` updated by ``responses``), or with
     micro-batches (``accumulate_steps``) one such mapping per shard, holding that shard's aliases."""
@@ -250,7 +245,7 @@ def _respond(
     push enters each rank's gradient divided by the world size before the sum over ranks.
     """
     values = dict(given)
-    shards = [{name: _alias(params) for name, params in given.items()} for _ in range(parts)] if parts > 1 else [values]
+    shards = [{name: aliases(params) for name, params in given.items()} for _ in range(parts)] if parts > 1 else [values]
     for name in program.graph.responders(root):
         level = program.levels[name]
         if level.window:
@@ -260,7 +255,7 @@ def _respond(
             values[name] = _Responder(program, level, inputs, base, record).apply()
         if parts > 1:
             for own in shards:
-                own[name] = _alias(values[name])
+                own[name] = aliases(values[name])
     return values, shards
 
 
