@@ -53,6 +53,42 @@ class _AllReduce(torch.autograd.Function):
         return _AllReduce.apply(grad)
 
 
+class _FlatSum(torch.autograd.Function):
+    """A sum over ranks of several tensors in one flat buffer; its vector-Jacobian product is the same sum."""
+
+    @staticmethod
+    def forward(ctx, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(_flat_sum(list(tensors)))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor, ...]:
+        return _FlatSum.apply(*grads)
+
+
+class _Averaged(torch.autograd.Function):
+    """The identity on replicated tensors read by this rank's loss; a derivative reaching them is
+    averaged over ranks (one flat all-reduce), so every rank holds the same value.
+
+    Averaged, not summed, so that each rank's part still sums over ranks to the global derivative and
+    the reductions downstream stay as they are. With two ranks every step is exact (halving and adding
+    two halves round nothing), which makes the result equal bit for bit to one process whose
+    micro-batches meet in one node before the tensor (``_accumulated``): both sum the shards' terms of
+    each evaluation first, then the evaluations. Without it a derivative taken through an unrolled
+    window adds each rank's terms at each step and the ranks' only at the end, another rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.world = dist.get_world_size()
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        present = [i for i, g in enumerate(grads) if g is not None]  # the same on every rank: the same program
+        summed = dict(zip(present, _FlatSum.apply(*(grads[i] for i in present)), strict=True)) if present else {}
+        return tuple(summed[i] / ctx.world if i in summed else None for i in range(len(grads)))
+
+
 def _flat_sum(tensors: list[Tensor]) -> list[Tensor]:
     """One all-reduce for a list of tensors (flattened into one fp32-or-wider buffer)."""
     if not tensors:
@@ -102,6 +138,16 @@ class DataParallel:
             return _flat_sum([loss])[0], {k: _AllReduce.apply(gradient[k]) for k in keys}
         reduced = _flat_sum([loss, *(gradient[k] for k in keys)])
         return reduced[0], dict(zip(keys, reduced[1:], strict=True))
+
+    def averaged(self, values: Params) -> Params:
+        """``values`` as this rank's loss reads them where derivatives run through unrolled windows: every
+        derivative reaching them is the mean over ranks (:class:`_Averaged`)."""
+        if not self.active:
+            return values
+        keys = [k for k, t in values.items() if t.requires_grad]
+        if not keys:
+            return values
+        return {**values, **dict(zip(keys, _Averaged.apply(*(values[k] for k in keys)), strict=True))}
 
     def sum(self, params: Params) -> Params:
         """A sum over ranks of a vector (differentiable when it has a graph)."""

@@ -45,6 +45,14 @@ def aliases(x: Params) -> Params:
     return {k: t.view_as(t) for k, t in x.items()}
 
 
+def joined(shards: list[Params]) -> list[Params]:
+    """``shards`` where each tensor that every shard reads (the same object in each) is replaced by one
+    view in common: the shards' terms of a derivative reaching it are summed in that view first, and
+    reach the tensor as one term (as data parallel's average over ranks where a loss reads it)."""
+    common = aliases({k: t for k, t in shards[0].items() if all(own.get(k) is t for own in shards[1:])})
+    return [{**own, **common} for own in shards]
+
+
 def detach(x: Params) -> Params:
     return {k: v.detach() for k, v in x.items()}
 

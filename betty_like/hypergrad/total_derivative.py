@@ -245,7 +245,10 @@ def _respond(
     push enters each rank's gradient divided by the world size before the sum over ranks.
     """
     values = dict(given)
-    shards = [{name: aliases(params) for name, params in given.items()} for _ in range(parts)] if parts > 1 else [values]
+    shards = [values]
+    if parts > 1:  # through open windows, every shard's alias of ``given`` meets in one view (``_tree.joined``)
+        common = {name: aliases(params) for name, params in given.items()} if _has_windows(program) else given
+        shards = [{name: aliases(params) for name, params in common.items()} for _ in range(parts)]
     for name in program.graph.responders(root):
         level = program.levels[name]
         if level.window:
