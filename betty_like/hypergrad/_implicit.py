@@ -81,13 +81,18 @@ def root_push(
 
     chosen = vjp_w if jacobian is None else jacobian
 
-    def product(u: Params, create_graph: bool) -> Params:  # precision and cross-process sums wrap the product itself
-        raw = fast if fast is not None and not create_graph else partial(chosen, create_graph=create_graph)
-        return ctx.matvec_wrap(raw)(u)
+    def product(u: Params, create_graph: bool) -> Params:
+        return fast(u) if fast is not None and not create_graph else chosen(u, create_graph=create_graph)
 
-    matvec = _damped(product, ctx.config.damping)
+    def wrapped(raw: GraphMatVec) -> GraphMatVec:
+        """Precision and cross-process sums wrap each product itself, after any transposition: the
+        transpose of a product summed over ranks would sum the cotangent too (each rank would get
+        ``world`` times its own part), and a unit-norm product has no derivative at zero."""
+        return lambda u, create_graph: ctx.matvec_wrap(partial(raw, create_graph=create_graph))(u)
 
-    system = LinearSystem(matvec, matvec if symmetric else transpose(matvec, ctx.v), solver, ctx.shared)
+    matvec = _damped(wrapped(product), ctx.config.damping)
+    rmatvec = matvec if symmetric else _damped(wrapped(transpose(chosen, ctx.v)), ctx.config.damping)
+    system = LinearSystem(matvec, rmatvec, solver, ctx.shared)
     with torch.set_grad_enabled(ctx.create_graph):
         u, solve_info = system.solve(ctx.v)
     pushed = grads(
