@@ -150,9 +150,10 @@ def test_captured_and_rematerialized_steps_are_refused_under_data_parallel(one_r
         bilevel(ProblemConfig(unroll_memory="remat"))
 
 
-# measured (docs/distributed.md, "Micro-batches in one process"): bit for bit, except the unrolled methods' windows
-# and, at three levels, darts' and sama's central differences (to float64 rounding)
-NOT_BIT_EXACT = {"unroll", "first_order", "unroll/3", "darts/3", "sama/3"}
+# measured (docs/distributed.md, "Micro-batches in one process"): bit for bit, except at three levels darts' and
+# sama's central differences (to float64 rounding) and the MINRES continuation of neumann's and fixed_point's
+# diverging series (to float32 rounding)
+NOT_BIT_EXACT = {"neumann/3", "fixed_point/3", "darts/3", "sama/3"}
 
 
 @pytest.fixture
@@ -175,7 +176,7 @@ def check_equal_to_micro_batches(ranks: list[dict], scenario: str) -> None:
         params = max(float((rank[scenario]["params"][k] - v).abs().max()) for k, v in reference["params"].items())
         print(f"{scenario}: gradient difference {difference:.3g}, parameter difference {params:.3g}")
         if scenario in NOT_BIT_EXACT:
-            assert relative_error(rank[scenario]["gradients"], reference["gradients"]) < 2e-6
+            assert relative_error(rank[scenario]["gradients"], reference["gradients"]) < 1e-5  # as against one whole batch
         else:
             assert difference == 0.0 and params == 0.0
 
