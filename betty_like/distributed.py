@@ -10,6 +10,8 @@ explicit and the arithmetic is that of one process:
   all of them in one process, are ``ProblemConfig(accumulate_steps=n)``: :func:`~._data.split_batch`);
 - a step's gradient (and its loss, for the record) is sum-all-reduced in one flat buffer; an unrolled
   step's gradient by a differentiable all-reduce (its backward is the same all-reduce);
+- while unrolled windows are open, a loss reads its parameters through :meth:`DataParallel.averaged`,
+  so a derivative taken through the windows is averaged over ranks at every evaluation it passes;
 - a push sum-reduces the vector it is given, every Hessian-vector product of its solve (through the
   traversal's ``matvec_wrap``) and the pushed vector, so every rank solves the same system and
   stops at the same iteration; the pushed vector then enters each rank's gradient divided by the
