@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated, from {', '.join(ROWS)}; empty: only re-mark the kept sections")
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (a smoke run)")
     parser.add_argument("--ks", default=None, help="unroll_memory: K values, e.g. 10,50,100")
+    parser.add_argument("--width", type=int, default=None, help="unroll_memory: hidden width of the MLP (default 128)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (rows that time)")
     parser.add_argument("--nets", default=None, help="reweighting: networks, mlp,cnn (default both)")
     parser.add_argument("--defaults-nets", default=None, help="reweighting: networks of the defaults table (default mlp)")
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     torch.set_num_threads(1)
     use_peer_paths()
-    options = {k: v for k, v in {"ks": args.ks, "repeats": args.repeats, "nets": args.nets, "defaults_nets": args.defaults_nets}.items() if v is not None}
+    options = {k: v for k, v in {"ks": args.ks, "width": args.width, "repeats": args.repeats, "nets": args.nets,
+                                 "defaults_nets": args.defaults_nets}.items() if v is not None}
     ran: dict[str, str] = {}
     for name in ROWS:
         if name in rows:

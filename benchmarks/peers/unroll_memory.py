@@ -1,11 +1,12 @@
 """Meta-gradient through K unrolled SGD steps: betty_like (graph, remat, mixed) vs torchopt and higher.
 
-An activation-heavy setting (MLP 64-128-128-10, batch 2048, float64) where the memory of reverse mode
-through K steps is dominated by each step's activations: the question is how peak memory grows with K,
-and whether betty_like's memory-lean unrolling (``unroll_memory="remat"`` / ``"mixed"``) reaches the
-issue's goal of 10x less peak memory than the peers at K = 100 with the same meta-gradient.
+An activation-heavy setting (MLP 64-128-128-10, batch 2048, float64; the hidden width is the option
+``width``) where the memory of reverse mode through K steps is dominated by each step's activations:
+the question is how peak memory grows with K, and whether betty_like's memory-lean unrolling
+(``unroll_memory="remat"`` / ``"mixed"``) reaches the issue's goal of 10x less peak memory than the
+peers at K = 100 with the same meta-gradient.
 
-Peak memory is measured in a fresh child process per configuration (``--child K NAME GRAD_FILE``),
+Peak memory is measured in a fresh child process per configuration (``--child K NAME GRAD_FILE --width W``),
 run with ``MALLOC_MMAP_THRESHOLD_=65536`` (see :data:`CHILD_ENV` for why). Run as a script only as
 such a child; the section is built by ``benchmarks/vs_peers.py --rows unroll_memory``.
 """
@@ -174,11 +175,12 @@ def measure(Ks, repeats: int, warm_ks=()) -> dict:
             grads = {}
             for name in UNROLLERS:
                 path = f"{tmp}/{K}-{name.split()[-1].strip('()')}-{name.split()[0]}.pt"
-                mem, seconds = map(float, child_output(__file__, [str(K), name, path]).split())
+                args = [str(K), name, path, "--width", str(SETTING["width"])]
+                mem, seconds = map(float, child_output(__file__, args).split())
                 grads[name] = torch.load(path)
                 res[(K, name)] = {"mem": mem, "t": [seconds]}
                 if K in warm_ks:
-                    res[(K, name)]["warm"] = float(child_output(__file__, [str(K), name, path, "--warm"]).split()[0])
+                    res[(K, name)]["warm"] = float(child_output(__file__, [*args, "--warm"]).split()[0])
             times = {name: [] for name in UNROLLERS}
             for _ in range(repeats if K < 100 else 0):  # in-process, interleaved, paired; K >= 100: the child's run
                 for name, fn in UNROLLERS.items():
@@ -195,6 +197,11 @@ def measure(Ks, repeats: int, warm_ks=()) -> dict:
     return res
 
 
+def plot_path() -> Path:
+    """``vs_peers_memory.png`` at the default width 128; another width gets its own file, so neither overwrites the other."""
+    return PLOT if SETTING["width"] == 128 else PLOT.with_name(f"{PLOT.stem}_w{SETTING['width']}.png")
+
+
 def plot(Ks, res) -> None:
     """Peak memory against K, one line per implementation."""
     import matplotlib
@@ -207,10 +214,10 @@ def plot(Ks, res) -> None:
         ax.plot(Ks, [res[(K, name)]["mem"] for K in Ks], marker="o", label=name)
     ax.set_xlabel("unrolled steps K")
     ax.set_ylabel("peak memory increase (MB, VmHWM)")
-    ax.set_title("Meta-gradient through K SGD steps (float64)")
+    ax.set_title(f"Meta-gradient through K SGD steps (width {SETTING['width']}, float64)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=120)
+    fig.savefig(plot_path(), dpi=120)
 
 
 def goal(Ks, res) -> list[str]:
@@ -243,8 +250,12 @@ def goal(Ks, res) -> list[str]:
     ]
 
 
-def section(quick: bool, ks: str | None = None, repeats: int | None = None, **_) -> str:
-    """Markdown section: time, peak memory and meta-gradient agreement against K; the 10x goal."""
+def section(quick: bool, ks: str | None = None, repeats: int | None = None, width: int | None = None, **_) -> str:
+    """Markdown section: time, peak memory and meta-gradient agreement against K; the 10x goal.
+
+    ``width``: the MLP's hidden width (default ``SETTING["width"]``, 128), passed on to the memory children.
+    """
+    SETTING["width"] = width or SETTING["width"]
     load = os.getloadavg()[0]
     Ks = [int(k) for k in ks.split(",")] if ks else [10, 50] if quick else [10, 50, 100]
     reps = repeats or (1 if quick else 3)
@@ -287,14 +298,16 @@ def section(quick: bool, ks: str | None = None, repeats: int | None = None, **_)
             warm = f"{x['warm']:.0f}" if "warm" in x else "-"
             lines.append(f"| {K} | {name} | {spread(x['t'])} | {rt} | {x['mem']:.0f} | "
                          f"{peer['mem'] / max(x['mem'], 1e-9):.1f} | {warm} | {x['diff']:.1e} | {x['peer_diff']:.1e} |")
-    return "\n".join([*lines, "", *goal(Ks, res), "", "Plot: `vs_peers_memory.png` (peak memory against K)."])
+    return "\n".join([*lines, "", *goal(Ks, res), "", f"Plot: `{plot_path().name}` (peak memory against K)."])
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="memory child of the unroll_memory row")
     parser.add_argument("--child", nargs=3, metavar=("K", "NAME", "GRAD_FILE"), required=True)
     parser.add_argument("--warm", action="store_true", help="run 2 steps before the baseline (one-off costs excluded)")
+    parser.add_argument("--width", type=int, default=SETTING["width"], help="hidden width of the MLP")
     args = parser.parse_args()
+    SETTING["width"] = args.width
     torch.set_num_threads(1)
     use_peer_paths()
     print(child(int(args.child[0]), args.child[1], args.child[2], args.warm))
