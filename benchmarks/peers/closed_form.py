@@ -346,7 +346,7 @@ NOTES = [
 
 
 # --------------------------------------------------------------------------- section, plot, script
-def section(quick: bool) -> str:
+def section(quick: bool, **_) -> str:
     """The markdown section of this row (runs the measurements)."""
     use_peer_paths()
     torch.set_num_threads(1)

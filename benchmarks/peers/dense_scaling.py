@@ -189,7 +189,7 @@ def measure(power: int, repeats: int, dense_max: int, f64_max: int) -> dict:
 
 
 # --------------------------------------------------------------------------- section, plot, script
-def section(quick: bool) -> str:
+def section(quick: bool, **_) -> str:
     """The markdown section of this row (runs the measurements in child interpreters)."""
     powers, dense_max, f64_max = ((3, 4, 5), 4, 3) if quick else ((3, 4, 5, 6), 4, 4)
     repeats = {3: 5, 4: 2, 5: 3, 6: 2}  # a dense solve at 10^4 takes most of a minute
