@@ -152,10 +152,9 @@ def test_captured_and_rematerialized_steps_are_refused_under_data_parallel(one_r
         bilevel(ProblemConfig(unroll_memory="remat"))
 
 
-# measured (docs/distributed.md, "Micro-batches in one process"): bit for bit, except at three levels darts' and
-# sama's central differences (to float64 rounding) and the MINRES continuation of neumann's and fixed_point's
-# diverging series (to float32 rounding)
-NOT_BIT_EXACT = {"neumann/3", "fixed_point/3", "darts/3", "sama/3"}
+# measured (docs/distributed.md, "Micro-batches in one process"): bit for bit, except fixed_point at three levels
+# (to float32 rounding)
+NOT_BIT_EXACT = {"fixed_point/3"}
 
 
 @pytest.fixture
