@@ -125,8 +125,8 @@ def set_up(
     method = get_method(p.config.hypergrad)
     served = [n for n in graph.names if p.name in graph.responders(n)]
     if served:
+        check_exact(p.name, method.name, data_parallel=shard is not None)
         _check_method(p, method, graph, problems)
-        check_exact(p.name, method.name, p.optimizer, data_parallel=shard is not None)
     unrolls = method.unrolled and bool(served)
     if unrolls and p.config.unroll_memory != "graph":
         _check_unroll_memory(p, graph, problems, served)

@@ -20,6 +20,7 @@ def snapshot(
     wraps_of: Callable[[str], tuple[Callable, Callable, Callable]],
     copies: bool,
     hvps: Mapping[str, Any] | None = None,
+    ranks: int = 1,
 ) -> Program:
     """A :class:`~betty_like.hypergrad.Program` of every problem at its ``current`` parameters.
 
@@ -28,7 +29,7 @@ def snapshot(
     optimizer steps. ``loss_of(name)`` is the problem's loss as the traversal calls it (``loss_of(name,
     split=True)``: its ``output_loss``, given to problems that define one); ``wraps_of`` its push and
     matvec wrappers and its solves' ``shared`` (precision, data parallel); ``hvps`` the problems'
-    compiled Hessian-vector products (``compile_hypergrad``).
+    compiled Hessian-vector products (``compile_hypergrad``); ``ranks`` the data-parallel processes.
     """
     levels = {}
     for name, setup in setups.items():
@@ -43,6 +44,6 @@ def snapshot(
         levels[name] = Level(
             name, params, loss_of(name), setup.method, problem.config, setup.functional, windowed, push_wrap,
             matvec_wrap, hvp=hvp, eigenvalue=setup.eigenvalue, shared=shared, outputs=outputs, module=problem.module,
-            memo=setup.memo,
+            memo=setup.memo, ranks=ranks,
         )
     return Program(graph, levels)

@@ -6,19 +6,20 @@ explicit and the arithmetic is that of one process:
 
 - each global batch is split by rank (``tensor_split`` along dim 0, no padding duplicates), and every
   loss is multiplied by its shard's share ``n_rank / n_global``, so the *sum* over ranks of every
-  loss, gradient, Hessian-vector product and mixed derivative is its global value (the same shards,
-  all of them in one process, are ``ProblemConfig(accumulate_steps=n)``: :func:`~._data.split_batch`);
-- a step's gradient (and its loss, for the record) is sum-all-reduced in one flat buffer; an unrolled
-  step's gradient by a differentiable all-reduce (its backward is the same all-reduce);
-- while unrolled windows are open, a loss reads its parameters through :meth:`DataParallel.averaged`,
-  so a derivative taken through the windows is averaged over ranks at every evaluation it passes;
-- a push sum-reduces the vector it is given, every Hessian-vector product of its solve (through the
-  traversal's ``matvec_wrap``) and the pushed vector, so every rank solves the same system and
-  stops at the same iteration; the pushed vector then enters each rank's gradient divided by the
-  world size, which the step's reduction sums back;
-- a solve that is differentiated further (three levels and more) gets each rank's part of a cotangent
-  in its backward pass; its adjoint system's right-hand side is their mean over ranks (:meth:`mean`),
-  so every rank solves the same system with the same iterations.
+  loss is its global value (the same shards, all of them in one process, are
+  ``ProblemConfig(accumulate_steps=n)``: :func:`~._data.split_batch`);
+- every loss reads its parameters through :meth:`DataParallel.averaged`: the identity, whose backward
+  averages the derivative reaching them over ranks (one flat all-reduce per backward through an
+  evaluation). Every derivative beyond a loss, of any order and through any number of evaluations
+  (unrolled windows, finite differences, nested solves), is then the same on every rank: its global
+  value divided by the world size. With two ranks that division and every sum of the halves below are
+  exact, so the result equals, bit for bit, one process whose micro-batches meet in one view before
+  each parameter (see ``Engine._accumulated``);
+- a step's gradient is summed over ranks (its loss too, for the record), an unrolled step's by a
+  differentiable all-reduce; a push sums the vector it is given, every Hessian-vector product of its
+  solve (through the traversal's ``matvec_wrap``: compiled and Gauss-Newton products are each rank's
+  own) and the pushed vector, so every rank solves the same system and stops at the same iteration;
+  the pushed vector enters each rank's gradient divided by the world size.
 
 Betty's scheme (each rank solves its own system with its local gradient, results averaged) is 30 %
 to 510 % off on the digits MLP (issue 18). BatchNorm keeps per-rank statistics (SyncBatchNorm has no
@@ -74,9 +75,10 @@ class _Averaged(torch.autograd.Function):
     Averaged, not summed, so that each rank's part still sums over ranks to the global derivative and
     the reductions downstream stay as they are. With two ranks every step is exact (halving and adding
     two halves round nothing), which makes the result equal bit for bit to one process whose
-    micro-batches meet in one node before the tensor (``_accumulated``): both sum the shards' terms of
-    each evaluation first, then the evaluations. Without it a derivative taken through an unrolled
-    window adds each rank's terms at each step and the ranks' only at the end, another rounding.
+    micro-batches meet in one view before the tensor (``Engine._accumulated``): both sum the shards'
+    terms of each evaluation first, then the evaluations. Without it a derivative taken through an
+    unrolled window added each rank's terms at each step and the ranks' only at the end, and darts
+    differenced each rank's gradients before the sum: other roundings.
     """
 
     @staticmethod
@@ -142,8 +144,8 @@ class DataParallel:
         return reduced[0], dict(zip(keys, reduced[1:], strict=True))
 
     def averaged(self, values: Params) -> Params:
-        """``values`` as this rank's loss reads them where derivatives run through unrolled windows: every
-        derivative reaching them is the mean over ranks (:class:`_Averaged`)."""
+        """``values`` as this rank's loss reads them: every derivative reaching them is their mean over
+        ranks (:class:`_Averaged`)."""
         if not self.active:
             return values
         keys = [k for k, t in values.items() if t.requires_grad]
@@ -191,26 +193,18 @@ class DataParallel:
         return wrap
 
 
-def check_exact(problem: str, method: str, optimizer: torch.optim.Optimizer, data_parallel: bool) -> None:
-    """Under ``data_parallel``, refuse a method whose sum over ranks is not the one-process hypergradient.
+def check_exact(problem: str, method: str, data_parallel: bool) -> None:
+    """Under ``data_parallel``, refuse a method whose ranks would not compute the same hypergradient.
 
-    Every reduction above sums per-rank *linear* terms: gradients, Hessian-vector products, mixed
-    derivatives. ``fixed_point`` differentiates the optimizer's update ``Phi(w, g_rank)`` on each rank's
-    gradient, and the sum over ranks of those Jacobians is the global one only when the update is affine
-    in the gradient with no term in the weights alone: SGD (momentum, dampening and Nesterov included,
-    whose buffers are constants here) without weight decay. With weight decay every rank adds its
-    ``lr * wd * I`` (the sum counts it ``world`` times); Adam's ``g / sqrt(v)`` of a shard's gradient is
-    not the global one. ``cg`` and ``neumann`` differentiate the loss itself and are exact under any optimizer.
+    ``kfac`` preconditions its solve with Kronecker factors of the layers' inputs and output Hessians
+    on the rank's own shard: every rank would precondition differently, their conjugate-gradient
+    iterates would part, and their solves would stop at different iterations (the collectives out of
+    step). Every other method is exact: derivatives are averaged over ranks where each loss reads its
+    parameters, so the ranks solve one system (``fixed_point`` updates with the global gradient).
     """
-    if not data_parallel or method != "fixed_point":
-        return
-    decay = [g.get("weight_decay", 0.0) for g in optimizer.param_groups]
-    if type(optimizer) is torch.optim.SGD and not any(decay):
-        return
-    raise ValueError(
-        f"problem {problem!r}: hypergrad='fixed_point' under data parallel differentiates each rank's optimizer update, "
-        f"whose sum over ranks is exact only for SGD without weight decay, and its optimizer is "
-        f"{type(optimizer).__name__} (weight_decay {decay}): use hypergrad='cg' or 'neumann' (exact under data "
-        "parallel for any optimizer), or SGD with weight_decay=0"
-    )
-
+    if data_parallel and method == "kfac":
+        raise ValueError(
+            f"problem {problem!r}: hypergrad='kfac' cannot run under data parallel: its Kronecker factors come from "
+            "each rank's own shard, so the ranks would precondition their solves differently and part; use "
+            "hypergrad='cg' (with curvature='gauss_newton' for positive semi-definite products)"
+        )

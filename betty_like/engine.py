@@ -43,7 +43,7 @@ from .distributed import DataParallel
 from .execution import ExecutionChoice, plan_executions, plan_hvps
 from .graph import Graph
 from .hypergrad import HypergradInfo, Program, hypergradient
-from .hypergrad._tree import aliases, detach, joined
+from .hypergrad._tree import aliases, detach
 from .hypergrad.unroll_memory import WindowStep, keeps_graph, rematerialized, window_gradient
 from .logging import Metrics, log_policies
 from .optim import Params, clip_grad_norm
@@ -149,10 +149,10 @@ class Engine:
         open_windows = {n for n, w in self._windows.items() if w is not None}
         return snapshot(
             self.graph, self._setups, open_windows, self.current_params(),
-            lambda n, split=False: partial(self._bound_loss, n, scale if n == scaled else 1.0, batch=batch(n), split=split, windows=bool(open_windows)),
+            lambda n, split=False: partial(self._bound_loss, n, scale if n == scaled else 1.0, batch=batch(n), split=split),
             lambda n: (self._dist.push_wrap(self._precision.push_wrap(self._setups[n].problem.config)),
                        self._dist.matvec_wrap(self._precision.matvec_wrap()), self._dist.mean),
-            copies, self._hvps,
+            copies, self._hvps, self._dist.world,
         )
 
     @contextlib.contextmanager
@@ -273,7 +273,7 @@ class Engine:
                 loss, gradient = self._global(result.loss.detach(), detach(result.gradient))
                 return self._guarded(name, StepOutcome(loss, gradient, partial(self._apply, name), result.infos, result.warnings))
             values = None if all(w is None for w in self._windows.values()) else self.current_params()
-            loss = self._bound_loss(name, self._precision.scale, values, windows=values is not None)
+            loss = self._bound_loss(name, self._precision.scale, values)
             grads = torch.autograd.grad(loss, list(setup.leaves.values()), allow_unused=True)
         loss, gradient = self._global(loss.detach(), {k: g for k, g in zip(setup.leaves, grads, strict=True) if g is not None})
         return self._guarded(name, StepOutcome(loss, gradient, partial(self._apply, name)))
@@ -374,45 +374,38 @@ class Engine:
             self._windows[name] = Window.opened(setup.leaves, setup.functional)
         return self._windows[name]
 
-    def _bound_loss(
-        self, name: str, loss_scale: float, values: Params | list[Params], batch: Any = None, split: bool = False, windows: bool = False
-    ) -> Any:
-        """``name``'s loss on ``batch`` (default: its current one, drawn now if none) at ``values``, scaled; ``split``: its output_loss.
-        ``windows``: unrolled windows are open (see :meth:`_accumulated`)."""
+    def _bound_loss(self, name: str, loss_scale: float, values: Params | None, batch: Any = None, split: bool = False) -> Any:
+        """``name``'s loss on ``batch`` (default: its current one, drawn now if none) at ``values``, scaled; ``split``: its output_loss."""
         if batch is None and name not in self._batches:
             self._batches[name] = self._setups[name].stream.next(self.iteration + 1)
         batch, factor = self._batches[name] if batch is None else batch, loss_scale * self._setups[name].stream.share  # share: this rank's part
         if split:  # ProblemConfig refuses accumulate_steps > 1 with what splits the loss (Gauss-Newton, kfac)
             return self._evaluations.call(name, partial(split_loss, self.problems[name], self._modules, values, batch, factor))
-        return self._evaluations.call(name, partial(self._accumulated, name, batch, values, factor, windows))
+        return self._evaluations.call(name, partial(self._accumulated, name, batch, values, factor))
 
-    def _accumulated(self, name: str, batch: Any, values: Params | list[Params] | None, factor: float, windows: bool = False) -> Tensor:
-        """The sum over ``accumulate_steps`` shards of ``batch`` of the loss times ``factor`` times the shard's share.
+    def _accumulated(self, name: str, batch: Any, values: Params | None, factor: float) -> Tensor:
+        """The loss of ``batch`` at ``values`` (default: the current parameters) times ``factor``, as the
+        sum over ``accumulate_steps`` shards of each shard's loss times its share.
 
-        The shards and shares are those of data parallel over as many ranks, and every shard reads its own
-        alias (a view) of each parameter: a derivative of the sum reaches each parameter as one term per
-        shard, each summed over the shard's own uses first, the per-rank sum and then the sum over ranks
-        of data parallel. With one shard it is the loss of the batch times ``factor``.
-
-        While unrolled windows are open (``windows``), a derivative taken through them reaches the same
-        parameter from many evaluations (one per unrolled step), and data parallel averages each
-        evaluation's derivatives over ranks where the loss reads them (:meth:`DataParallel.averaged`):
-        here the shards' aliases of a parameter they all read meet in one view first, so that each
-        evaluation's shard terms are summed before the evaluations are, as there.
+        Every derivative of it reaches ``values`` summed over the shards of each evaluation first, which
+        is what data parallel computes: there each rank's loss reads its parameters through
+        :meth:`DataParallel.averaged`, whose backward averages the derivative over ranks at once, and one
+        process with ``accumulate_steps=n`` gives each shard its own alias (a view) of one view in common
+        of each parameter, where the shards' terms meet. The shards and shares are those of data parallel
+        over as many ranks (:func:`split_batch`), so ``n`` micro-batches and ``n`` ranks give the same
+        numbers (bit for bit with two). With one shard it is the loss of the batch times ``factor``.
         """
         parts = self.problems[name].config.accumulate_steps
-        if parts == 1:
-            if windows and self._dist.active:
-                values = self._dist.averaged(self.current_params() if values is None else values)
+        if parts == 1 and not self._dist.active:
             loss = self._loss(name, batch, values)
             return loss if factor == 1.0 else loss * factor
-        if not isinstance(values, list):  # the traversal gives one mapping per shard (its best responses' inputs)
-            values = [self.current_params() if values is None else values] * parts
-        if windows:
-            values = joined(values)
+        values = self.current_params() if values is None else values
+        if parts == 1:
+            return self._loss(name, batch, self._dist.averaged(values)) * factor
+        common = aliases(values)
         total = None
-        for (shard, share), own in zip(split_batch(batch, parts), values, strict=True):
-            loss = self._loss(name, shard, aliases(own)) * (factor * share)
+        for shard, share in split_batch(batch, parts):
+            loss = self._loss(name, shard, aliases(common)) * (factor * share)
             total = loss if total is None else total + loss
         return total
 

@@ -5,6 +5,7 @@ reference (world 1). A digits MLP with learnable per-example weights (the weight
 so every rank weights its own shard's examples) under a validation loss; 20 iterations per method. A
 scenario is ``<method>``, ``<method>/3`` (three levels: a top problem learns the middle one's weight decay),
 ``<method>/masked`` (the validation examples of rank 1 carry weight 0, so its cotangent is exactly zero),
+``<method>/adam`` (the lowest problem trains with Adam and weight decay, whose update is not affine in the gradient),
 ``<method>/betty`` (each rank solves its own system with its own gradient and the results are summed:
 Betty's "average at the end") or ``policies`` (logs, progress, checkpoints and resume on two ranks).
 """
@@ -100,7 +101,8 @@ def build(scenario: str, distributed: bool, accumulate: int = 1, **engine: objec
     weights = Logits(303).to(dtype)
     config = ProblemConfig(**CONFIGS[method], accumulate_steps=accumulate)
     plain = ProblemConfig(accumulate_steps=accumulate)
-    lower = WeightedMLP("mlp", module=mlp, optimizer=torch.optim.SGD(mlp.parameters(), lr=0.3), data=train, config=config)
+    optimizer = torch.optim.Adam(mlp.parameters(), lr=0.01, weight_decay=1e-3) if variant == "adam" else torch.optim.SGD(mlp.parameters(), lr=0.3)
+    lower = WeightedMLP("mlp", module=mlp, optimizer=optimizer, data=train, config=config)
     sgd = torch.optim.SGD(weights.parameters(), lr=10.0)
     settings = EngineConfig(**{"train_iters": ITERATIONS, "distributed": distributed, **engine})
     if variant == "masked":  # 50 / 49 shards: rank 0 holds the ones, rank 1 the zeros
@@ -126,14 +128,16 @@ def build(scenario: str, distributed: bool, accumulate: int = 1, **engine: objec
 def betty_average(engine: Engine, lower: str) -> None:
     """Betty's data parallel in this engine: each rank solves its own system, the step averages the results.
 
-    No sums inside the pushes; each rank's vector and products are divided by its share, so the rank
-    solves the system of its shard's mean loss (Betty's per-rank ``mean``), and its push, taken on its
-    share-weighted loss, enters the step's sum over ranks weighted by its shard's size.
+    No average where the losses read their parameters and no sums inside the pushes; each rank's vector
+    and products are divided by its share, so the rank solves the system of its shard's mean loss (Betty's
+    per-rank ``mean``), and its push, taken on its share-weighted loss, enters the step's sum over ranks
+    weighted by its shard's size.
     """
 
     def mean(params: dict) -> dict:
         return {k: t / engine._setups[lower].stream.share for k, t in params.items()}
 
+    engine._dist.averaged = lambda values: values
     engine._dist.matvec_wrap = lambda inner: lambda matvec: inner(lambda u: mean(matvec(u)))
     engine._dist.push_wrap = lambda inner: lambda push: lambda ctx: inner(push)(replace(ctx, v=mean(ctx.v)))
 

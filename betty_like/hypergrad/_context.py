@@ -51,6 +51,8 @@ class HypergradContext:
             when the problem does not define the split.
         module: the lower problem's module (KFAC finds its Linear and Conv2d layers there).
         memo: a dict the lower problem keeps across steps for what a method reuses (KFAC factors).
+        ranks: data-parallel processes: every derivative of ``objective`` here is ``1 / ranks`` of the
+            global one (its average over ranks; :mod:`betty_like.distributed`), the same on every rank.
     """
 
     owner: str
@@ -68,6 +70,7 @@ class HypergradContext:
     outputs: Callable[[Params, Params], tuple[Tensor, Callable[[Tensor], Tensor]]] | None = None
     module: nn.Module | None = None
     memo: dict[str, Any] = field(default_factory=dict)
+    ranks: int = 1
 
 
 @dataclass

@@ -39,18 +39,11 @@ def zeros_like(x: Params) -> Params:
 def aliases(x: Params) -> Params:
     """A view of each tensor: derivatives reaching a view are summed there before they reach the tensor.
 
-    Micro-batches (``accumulate_steps``) give each shard its own views, so that each shard's terms are
-    summed first and the shards then, the order of a rank's sum followed by data parallel's all-reduce.
+    Micro-batches (``accumulate_steps``) give each shard its own views of one view in common, so that
+    each shard's terms are summed first and the shards' then, before they reach the tensor: the order
+    of a rank's sum followed by data parallel's average over ranks.
     """
     return {k: t.view_as(t) for k, t in x.items()}
-
-
-def joined(shards: list[Params]) -> list[Params]:
-    """``shards`` where each tensor that every shard reads (the same object in each) is replaced by one
-    view in common: the shards' terms of a derivative reaching it are summed in that view first, and
-    reach the tensor as one term (as data parallel's average over ranks where a loss reads it)."""
-    common = aliases({k: t for k, t in shards[0].items() if all(own.get(k) is t for own in shards[1:])})
-    return [{**own, **common} for own in shards]
 
 
 def detach(x: Params) -> Params:

@@ -26,43 +26,64 @@ if TYPE_CHECKING:
 
 
 def update_residual(ctx: HypergradContext) -> Residual:
-    """``r(w, x) = w - Phi(w, x)`` with ``Phi`` one step of the user's optimizer (state frozen)."""
+    """``r(w, x) = w - Phi(w, x)`` with ``Phi`` one step of the user's optimizer (state frozen).
+
+    Under data parallel the objective's gradient on a rank is ``1 / ranks`` of the global one: the
+    update is taken of the global gradient (the step the ranks take together, for any optimizer) and
+    the residual divided back, so that the ranks' parts still sum to it.
+    """
 
     def residual(w: Params, x: Params) -> Params:
         gradient = grads(ctx.objective(w, x), w, create_graph=True)
+        if ctx.ranks > 1:
+            gradient = {k: g * ctx.ranks for k, g in gradient.items()}
         stepped, _ = ctx.optimizer.step(w, gradient)
+        if ctx.ranks > 1:
+            return {k: (w[k] - stepped[k]) / ctx.ranks for k in w}
         return {k: w[k] - stepped[k] for k in w}
 
     return residual
 
 
-def compiled_update(ctx: HypergradContext) -> MatVec | None:
-    """``u -> (dr/dw)^T u = u - (dPhi/dw)^T u - H (dPhi/dg)^T u`` with ``H u`` compiled (``None``: eager products).
+class _LinearisedUpdate:
+    """One optimizer step ``Phi(w, g)`` taken at the objective's gradient ``g`` held as a leaf, so that the
+    products ``u -> (dr/dw)^T u = u - (dPhi/dw)^T u - C (dPhi/dg)^T u`` need the model only for ``C``,
+    the curvature (a compiled Hessian, or Gauss-Newton products).
 
-    ``Phi(w, g)`` is the optimizer step taken on gradient ``g = grad_w f(w)``; its own derivatives are
-    first order (one backward through the step, kept), so only the Hessian product needs the model.
+    Under data parallel ``g`` is the global gradient (``ranks`` times the rank's average) and ``C``'s
+    products are each rank's own, summed over ranks by the solve: the rank's part of the product is
+    ``(u - (dPhi/dw)^T u) / ranks - C_rank (dPhi/dg)^T u``.
     """
+
+    def __init__(self, ctx: HypergradContext, w: Params, x: Params, curvature: GraphMatVec) -> None:
+        self.keys = list(w)
+        self.ranks = ctx.ranks
+        self.curvature = curvature
+        g = {k: (t.detach() * ctx.ranks).requires_grad_(True) for k, t in grads(ctx.objective(w, x), w).items()}
+        stepped, _ = ctx.optimizer.step(w, g)
+        self.outputs = [stepped[k] for k in self.keys]
+        self.inputs = [w[k] for k in self.keys] + [g[k] for k in self.keys]
+
+    def product(self, u: Params, create_graph: bool = False) -> Params:
+        keys = self.keys
+        found = torch.autograd.grad(
+            self.outputs, self.inputs, [u[k] for k in keys], retain_graph=True, create_graph=create_graph, allow_unused=True
+        )
+        through_w = {k: torch.zeros_like(u[k]) if p is None else p for k, p in zip(keys, found, strict=False)}
+        through_g = {k: torch.zeros_like(u[k]) if p is None else p for k, p in zip(keys, found[len(keys) :], strict=True)}
+        curved = self.curvature(through_g, create_graph)
+        return {k: (u[k] - through_w[k]) / self.ranks - curved[k] for k in keys}
+
+
+def compiled_update(ctx: HypergradContext) -> MatVec | None:
+    """``u -> (dr/dw)^T u`` with ``H u`` compiled (``None``: eager products); see :class:`_LinearisedUpdate`."""
     hessian = compiled_hessian(ctx)
     if hessian is None:
         return None
     with torch.enable_grad():
         w = {k: t.detach().requires_grad_(True) for k, t in ctx.w.items()}
-        x = {k: t.detach() for k, t in ctx.x.items()}
-        g = {k: t.detach().requires_grad_(True) for k, t in grads(ctx.objective(w, x), w).items()}
-        stepped, _ = ctx.optimizer.step(w, g)
-    keys = list(w)
-    inputs = [w[k] for k in keys] + [g[k] for k in keys]
-
-    def product(u: Params) -> Params:
-        pulled = torch.autograd.grad(
-            [stepped[k] for k in keys], inputs, [u[k] for k in keys], retain_graph=True, allow_unused=True
-        )
-        through_w = {k: torch.zeros_like(u[k]) if p is None else p for k, p in zip(keys, pulled, strict=False)}
-        through_g = {k: torch.zeros_like(u[k]) if p is None else p for k, p in zip(keys, pulled[len(keys) :], strict=False)}
-        curved = hessian(through_g)
-        return {k: u[k] - through_w[k] - curved[k] for k in keys}
-
-    return product
+        update = _LinearisedUpdate(ctx, w, {k: t.detach() for k, t in ctx.x.items()}, lambda u, _: hessian(u))
+    return update.product
 
 
 def gauss_newton_update(ctx: HypergradContext) -> GraphMatVec:
@@ -72,26 +93,7 @@ def gauss_newton_update(ctx: HypergradContext) -> GraphMatVec:
     ``d_w Phi + d_g Phi H``: the partial in ``g`` is taken at the gradient's value, and ``H`` becomes
     ``G``. For SGD this is ``lr * G u``.
     """
-    curvature = gauss_newton(ctx)
-    names = list(ctx.w)
-    gradient = {k: t.detach().requires_grad_(True) for k, t in grads(ctx.objective(ctx.w, ctx.x), ctx.w).items()}
-    stepped, _ = ctx.optimizer.step(ctx.w, gradient)
-    outputs = [stepped[k] for k in names]
-    inputs = [ctx.w[k] for k in names] + [gradient[k] for k in names]
-
-    def product(u: Params, create_graph: bool) -> Params:
-        found = torch.autograd.grad(
-            outputs, inputs, grad_outputs=[u[k] for k in names], retain_graph=True,
-            create_graph=create_graph, allow_unused=True,
-        )
-        through_w = {k: torch.zeros_like(u[k]) if g is None else g for k, g in zip(names, found, strict=False)}
-        through_g = {
-            k: torch.zeros_like(u[k]) if g is None else g for k, g in zip(names, found[len(names) :], strict=True)
-        }
-        curved = curvature(through_g, create_graph)
-        return {k: u[k] - through_w[k] - curved[k] for k in names}
-
-    return product
+    return _LinearisedUpdate(ctx, ctx.w, ctx.x, gauss_newton(ctx)).product
 
 
 def symmetric_update(optimizer: FunctionalOptimizer) -> bool:

@@ -36,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ._context import HypergradContext, HypergradInfo, _identity
 from ._linsolve import CurvatureEstimate, MatVec
 from ._method import Method
-from ._tree import Params, aliases, grads
+from ._tree import Params, grads
 
 if TYPE_CHECKING:
     from ..graph import Graph
@@ -82,6 +82,7 @@ class Level:
             not defined); Gauss-Newton curvature and KFAC need it.
         module: its module (KFAC reads its layers).
         memo: what its methods keep across steps (KFAC factors), owned by the engine.
+        ranks: data-parallel processes (see :class:`~._context.HypergradContext`).
     """
 
     name: str
@@ -99,6 +100,7 @@ class Level:
     outputs: Callable[[Params], tuple[Tensor, Callable[[Tensor], Tensor]]] | None = None
     module: nn.Module | None = None
     memo: dict[str, Any] = field(default_factory=dict)
+    ranks: int = 1
 
 
 @dataclass(frozen=True)
@@ -148,8 +150,8 @@ def _total_derivative(
     values = level.params if values is None else values
     base = {k: t.detach() if detach_context else t for lvl in program.levels.values() for k, t in lvl.params.items()}
     record = _Record()
-    responses, shards = _respond(program, root, {root: values}, base, record, level.config.accumulate_steps)
-    loss = level.loss(_loss_values(base, responses, shards))
+    responses = _respond(program, root, {root: values}, base, record)
+    loss = level.loss(_merge(base, responses))
     bridged = [] if detach_context else _bridged(program, root)
     targets = {**values, **{k: base[k] for name in bridged for k in program.levels[name].params}}
     found = grads(loss, targets, create_graph=create_graph, retain_graph=create_graph or _has_windows(program))
@@ -226,78 +228,56 @@ def _merge(base: Params, responses: Mapping[str, Params]) -> Params:
     return merged
 
 
-def _loss_values(base: Params, responses: Mapping[str, Params], shards: list[dict[str, Params]]) -> Any:
-    """What a level's loss is called with: every parameter (``base`` updated by ``responses``), or with
-    micro-batches (``accumulate_steps``) one such mapping per shard, holding that shard's aliases."""
-    if len(shards) == 1:
-        return _merge(base, responses)
-    return [_merge(base, own) for own in shards]
-
-
 def _respond(
-    program: Program, root: str, given: Mapping[str, Params], base: Params, record: _Record, parts: int = 1
-) -> tuple[dict[str, Params], list[dict[str, Params]]]:
-    """``given`` plus the best response of every responder of ``root``, in response order; and the same per shard.
+    program: Program, root: str, given: Mapping[str, Params], base: Params, record: _Record
+) -> dict[str, Params]:
+    """``given`` plus the best response of every responder of ``root``, in response order.
 
-    With ``parts`` micro-batches of ``root``'s loss, each shard reads its own aliases of ``given`` and of
-    every response, and a best response takes every shard's aliases of its inputs: its push then enters
-    each shard's derivatives divided by ``parts`` before they are summed over shards, as data parallel's
-    push enters each rank's gradient divided by the world size before the sum over ranks.
+    Micro-batches (``accumulate_steps``) and data parallel are the engine's business: it splits the
+    loss it is handed, and every derivative reaching these values is already summed over shards
+    (averaged over ranks), so a best response pushes once.
     """
     values = dict(given)
-    shards = [values]
-    if parts > 1:  # through open windows, every shard's alias of ``given`` meets in one view (``_tree.joined``)
-        common = {name: aliases(params) for name, params in given.items()} if _has_windows(program) else given
-        shards = [{name: aliases(params) for name, params in common.items()} for _ in range(parts)]
     for name in program.graph.responders(root):
         level = program.levels[name]
         if level.window:
             values[name] = {k: base[k] for k in level.params}
         else:
-            inputs = [{p: own[p] for p in program.graph.inputs(name) if p in own} for own in shards]
+            inputs = {p: values[p] for p in program.graph.inputs(name) if p in values}
             values[name] = _Responder(program, level, inputs, base, record).apply()
-        if parts > 1:
-            for own in shards:
-                own[name] = aliases(values[name])
-    return values, shards
+    return values
 
 
 class _Responder:
-    """One best response ``w*(x)`` of ``level`` to ``inputs`` (one mapping per shard of the loss that reads
-    it, all of the same values), as an autograd operation."""
+    """One best response ``w*(x)`` of ``level`` to ``inputs``, as an autograd operation."""
 
-    def __init__(
-        self, program: Program, level: Level, inputs: list[Mapping[str, Params]], base: Params, record: _Record
-    ) -> None:
+    def __init__(self, program: Program, level: Level, inputs: Mapping[str, Params], base: Params, record: _Record) -> None:
         self.program = program
         self.level = level
         self.base = base
         self.record = record
-        self.owner_of = {k: name for name, params in inputs[0].items() for k in params}
+        self.owner_of = {k: name for name, params in inputs.items() for k in params}
         self.input_keys = list(self.owner_of)
         self.output_keys = list(level.params)
-        self.parts = len(inputs)
-        self.inputs = [own[self.owner_of[k]][k] for own in inputs for k in self.input_keys]
+        self.inputs = [inputs[self.owner_of[k]][k] for k in self.input_keys]
 
     def apply(self) -> Params:
         current = [self.level.params[k].detach() for k in self.output_keys]
         outputs = _BestResponse.apply(self, *self.inputs, *current)
         return dict(zip(self.output_keys, outputs, strict=True))
 
-    def values(self, w: Params, x: Params, parts: int = 1) -> Any:
-        """Every parameter at ``w``, ``x`` (per shard with ``parts`` > 1); with ``nested="total"`` the level's
-        lowers respond to both."""
+    def values(self, w: Params, x: Params) -> Params:
+        """Every parameter at ``w``, ``x``; with ``nested="total"`` the level's lowers respond to both."""
         given: dict[str, Params] = {self.level.name: w}
         for k, t in x.items():
             given.setdefault(self.owner_of[k], {})[k] = t
         if self.level.config.nested != "total":
             return _merge(self.base, given)
-        responses, shards = _respond(self.program, self.level.name, given, self.base, self.record, parts)
-        return _loss_values(self.base, responses, shards)
+        return _merge(self.base, _respond(self.program, self.level.name, given, self.base, self.record))
 
     def objective(self, w: Params, x: Params) -> Tensor:
         """The level's loss at ``w``, ``x``."""
-        return self.level.loss(self.values(w, x, self.level.config.accumulate_steps))
+        return self.level.loss(self.values(w, x))
 
     def split(self, w: Params, x: Params) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """The level's loss at ``w``, ``x`` as ``(outputs, loss_fn)``."""
@@ -332,6 +312,7 @@ class _Responder:
                 outputs=None if level.outputs is None else self.split,
                 module=level.module,
                 memo=level.memo,
+                ranks=level.ranks,
             )
             pushed, info = level.push_wrap(_unless_zero(level.method.push))(context)
         if info is not None:
@@ -344,7 +325,7 @@ class _BestResponse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, responder: _Responder, *tensors: Tensor):
-        count = len(responder.input_keys) * responder.parts
+        count = len(responder.input_keys)
         outputs = tuple(t.clone() for t in tensors[count:])
         ctx.responder = responder
         ctx.save_for_backward(*tensors[:count], *outputs)
@@ -353,17 +334,15 @@ class _BestResponse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *cotangents: Tensor):
         responder: _Responder = ctx.responder
-        count, parts = len(responder.input_keys), responder.parts
+        count = len(responder.input_keys)
         saved = ctx.saved_tensors
-        inputs, outputs = list(saved[:count]), list(saved[count * parts :])
+        inputs, outputs = list(saved[:count]), list(saved[count:])
         v = {
             k: torch.zeros_like(o) if c is None else c
             for k, o, c in zip(responder.output_keys, outputs, cotangents, strict=True)
         }
         pushed = responder.push(v, inputs, outputs)
-        if parts > 1:  # each shard's part, as each rank's under data parallel (DataParallel.push_wrap)
-            pushed = [t / parts for t in pushed]
-        return (None, *(pushed * parts), *(None for _ in outputs))
+        return (None, *pushed, *(None for _ in outputs))
 
 
 def _unless_zero(push: Callable) -> Callable:
