@@ -145,13 +145,15 @@ class DataParallel:
 
     def averaged(self, values: Params) -> Params:
         """``values`` as this rank's loss reads them: every derivative reaching them is their mean over
-        ranks (:class:`_Averaged`)."""
+        ranks (:class:`_Averaged`). Each comes out as its own view: the outputs of one autograd function
+        share one node, and the loss audit (``_audit.py``) tells the problems a loss reads by node."""
         if not self.active:
             return values
         keys = [k for k, t in values.items() if t.requires_grad]
         if not keys:
             return values
-        return {**values, **dict(zip(keys, _Averaged.apply(*(values[k] for k in keys)), strict=True))}
+        averaged = _Averaged.apply(*(values[k] for k in keys))
+        return {**values, **{k: t.view_as(t) for k, t in zip(keys, averaged, strict=True)}}
 
     def sum(self, params: Params) -> Params:
         """A sum over ranks of a vector (differentiable when it has a graph)."""

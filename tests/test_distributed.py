@@ -5,6 +5,7 @@ blocking the suite); the reference is the same program in this process. The batc
 so the shards are unequal (51 / 50 and 50 / 49).
 """
 
+import logging
 import os
 import socket
 import subprocess
@@ -138,6 +139,18 @@ def test_fixed_point_with_adam_and_weight_decay_equals_one_process(ranks):
     """fixed_point differentiates the optimizer's update, taken at the global gradient on every rank: exact
     for an update that is not affine in the gradient (each rank's update of its own gradient was not)."""
     check_equal_to_one_process(ranks, "fixed_point/adam")
+
+
+@pytest.mark.parametrize("hypergrad", ["cg", "unroll"])
+def test_the_loss_audit_sees_which_problems_an_averaged_loss_reads(one_rank, caplog, hypergrad):
+    """Under data parallel every loss reads its parameters through one averaging node: the audit, which tells
+    the problems a loss reads by node, must still see the inner loss reading the outer one (no false
+    "ignores" warning, no false "reads a problem it has no edge to" error)."""
+    engine, outer, inner = bilevel(ProblemConfig(hypergrad=hypergrad))
+    with caplog.at_level(logging.WARNING, logger="betty_like"):
+        engine.run(3)
+    assert not [r.message for r in caplog.records if "does not depend on the parameters" in r.message]
+    assert engine.status("outer").steps > 0
 
 
 def test_kfac_is_refused_under_data_parallel(one_rank):
