@@ -400,9 +400,9 @@ class Engine:
             loss = self._loss(name, batch, values)
             return loss if factor == 1.0 else loss * factor
         values = self.current_params() if values is None else values
+        common = self._dist.averaged(values) if self._dist.active else aliases(values)  # where the shards' terms meet
         if parts == 1:
-            return self._loss(name, batch, self._dist.averaged(values)) * factor
-        common = aliases(values)
+            return self._loss(name, batch, common) * factor
         total = None
         for shard, share in split_batch(batch, parts):
             loss = self._loss(name, shard, aliases(common)) * (factor * share)

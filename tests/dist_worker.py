@@ -7,7 +7,8 @@ scenario is ``<method>``, ``<method>/3`` (three levels: a top problem learns the
 ``<method>/masked`` (the validation examples of rank 1 carry weight 0, so its cotangent is exactly zero),
 ``<method>/adam`` (the lowest problem trains with Adam and weight decay, whose update is not affine in the gradient),
 ``<method>/betty`` (each rank solves its own system with its own gradient and the results are summed:
-Betty's "average at the end") or ``policies`` (logs, progress, checkpoints and resume on two ranks).
+Betty's "average at the end") or ``policies`` (logs, progress, checkpoints and resume on two ranks). A scenario
+followed by ``*n`` splits each rank's shard again into ``n`` micro-batches (``accumulate_steps=n``).
 """
 
 from __future__ import annotations
@@ -174,6 +175,12 @@ def policies(out: Path, rank: int) -> dict:
     }
 
 
+def on_ranks(scenario: str) -> dict:
+    """``run`` under data parallel; ``<scenario>*n``: with ``n`` micro-batches per rank."""
+    name, _, parts = scenario.partition("*")
+    return run(name, True, int(parts or 1))
+
+
 def main() -> None:
     rank, world, port, out, *scenarios = sys.argv[1:]
     dist.init_process_group(
@@ -181,7 +188,7 @@ def main() -> None:
         timeout=timedelta(seconds=120),  # a rank left waiting in a collective fails instead of hanging
     )
     try:
-        results = {s: policies(Path(out).parent, int(rank)) if s == "policies" else run(s, True) for s in scenarios}
+        results = {s: policies(Path(out).parent, int(rank)) if s == "policies" else on_ranks(s) for s in scenarios}
         torch.save(results, out)
     finally:
         dist.destroy_process_group()

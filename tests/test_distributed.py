@@ -23,7 +23,7 @@ from betty_like import ProblemConfig
 METHODS = list(dist_worker.CONFIGS)
 THREE_LEVELS = [f"{m}/3" for m in METHODS]
 BETTY = ["cg/betty", "neumann/betty"]
-SCENARIOS = [*METHODS, "cg/masked", "fixed_point/adam", *BETTY, "policies"]
+SCENARIOS = [*METHODS, "cg/masked", "fixed_point/adam", "fixed_point/adam*2", *BETTY, "policies"]
 
 
 def free_port() -> int:
@@ -75,7 +75,7 @@ def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def check_equal_to_one_process(ranks: list[dict], scenario: str) -> None:
-    reference = dist_worker.run(scenario, distributed=False)
+    reference = dist_worker.run(scenario.partition("*")[0], distributed=False)
     for rank in ranks:
         error = relative_error(rank[scenario]["gradients"], reference["gradients"])
         print(f"{scenario}: relative error {error:.3g}")
@@ -139,6 +139,12 @@ def test_fixed_point_with_adam_and_weight_decay_equals_one_process(ranks):
     """fixed_point differentiates the optimizer's update, taken at the global gradient on every rank: exact
     for an update that is not affine in the gradient (each rank's update of its own gradient was not)."""
     check_equal_to_one_process(ranks, "fixed_point/adam")
+
+
+def test_micro_batches_on_every_rank_equal_one_process(ranks):
+    """Two ranks, each splitting its shard into two micro-batches: the derivatives are averaged over ranks
+    there too (fixed_point, taking the update of the global gradient, would see each rank's own otherwise)."""
+    check_equal_to_one_process(ranks, "fixed_point/adam*2")
 
 
 @pytest.mark.parametrize("hypergrad", ["cg", "unroll"])
