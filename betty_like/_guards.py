@@ -92,18 +92,28 @@ def check_solves(
             )
 
 
-def _read(loss: Tensor, gradient: Params) -> tuple[float, list[str]]:
+def summary_of(loss: Tensor, gradient: list[Tensor]) -> Tensor:
+    """The loss followed by each gradient tensor's norm, in one 1-D tensor (NaN/inf where an entry is).
+
+    One fused per-tensor norm (``_foreach_norm``, as ``clip_grad_norm_`` uses) and one stack: the
+    eager counterpart of a captured step's in-graph
+    :func:`~betty_like.execution._compiled_step.finiteness_summary`.
+    """
+    loss = loss.detach() if loss.dim() == 0 else loss.detach().reshape(())
+    norms = torch._foreach_norm([g.detach() for g in gradient]) if gradient else []  # noqa: SLF001
+    return torch.stack([loss, *(n if n.device == loss.device else n.to(loss.device) for n in norms)])
+
+
+def _read(loss: Tensor, gradient: Params, summary: Tensor | None = None) -> tuple[float, list[str]]:
     """The loss as a float, and the gradient entries that are not finite: one host read for both.
 
-    One fused norm per gradient tensor (NaN/inf if any entry is) goes to the host in one tensor with
-    the loss, which the step needs as a float anyway (the record, the loss policy): the finite case
-    costs two kernels and the one read a hand-written loop's ``loss.item()`` makes. Only a non-finite
-    (or overflowing) norm is looked at entry by entry.
+    ``summary`` (:func:`summary_of`, or computed by a captured step) goes to the host with the loss,
+    which the step needs as a float anyway (the record, the loss policy): the finite case costs the
+    one read a hand-written loop's ``loss.item()`` makes. Only a non-finite (or overflowing) norm is
+    looked at entry by entry.
     """
     keys = list(gradient)
-    loss = loss.detach() if loss.dim() == 0 else loss.detach().reshape(())
-    norms = torch._foreach_norm([gradient[k].detach() for k in keys]) if keys else []  # noqa: SLF001 (torch's fused per-tensor norm, as clip_grad_norm_ uses)
-    values = torch.stack([loss, *(n if n.device == loss.device else n.to(loss.device) for n in norms)]).tolist()
+    values = (summary_of(loss, [gradient[k] for k in keys]) if summary is None else summary).tolist()
     suspects = [k for k, norm in zip(keys, values[1:], strict=True) if not math.isfinite(norm)]
     if not suspects or not math.isfinite(values[0]):
         return values[0], []
@@ -149,18 +159,20 @@ def guard(
     configs: Mapping[str, Any],
     warn_once: Callable[[str, str], None],
     scaled: bool = False,
+    summary: Tensor | None = None,
 ) -> tuple[bool, float]:
     """Check a computed step before it commits; returns whether to skip it (``on_nonfinite="skip"``) and its loss as a float.
 
     Plain steps and hypergradient steps alike: the user's optimizer never sees a NaN/inf gradient.
     With ``scaled`` (fp16 loss scaling) an inf/NaN gradient is the scaler's overflow signal, which it
     handles itself (skip the step, halve the scale), so it is not an error here. A non-finite loss is
-    not judged here but by :func:`loss_value`, with the float returned.
+    not judged here but by :func:`loss_value`, with the float returned. ``summary``: the loss and
+    gradient norms when the step computed them already (:func:`summary_of`).
     """
     check_solves(where, infos, configs, warn_once)
     if scaled:
         return False, float(loss.detach())  # the scaler speaks first
-    value, bad = _read(loss, gradient)
+    value, bad = _read(loss, gradient, summary)
     if not bad:
         return False, value
     message = nonfinite_gradient(where, bad, infos)

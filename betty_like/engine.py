@@ -62,6 +62,7 @@ class StepOutcome:
     warnings: list[str] = field(default_factory=list)
     skip: bool = False  # a non-finite hypergradient under on_nonfinite="skip"
     value: float = float("nan")  # the loss as a float, read with the gradient's finiteness check
+    summary: Tensor | None = None  # the loss and gradient norms, where the step computed them (a captured step)
 
 
 class Engine:
@@ -303,7 +304,7 @@ class Engine:
     def _guarded(self, name: str, outcome: StepOutcome) -> StepOutcome:
         """Failed solves and a non-finite gradient (with a finite loss) are handled before anything commits."""
         where, scaled = Where(name, self._schedule[name].steps + 1, self.iteration + 1), self._precision.scaler is not None
-        outcome.skip, outcome.value = guard(where, outcome.loss, outcome.gradient, outcome.infos, self._configs, self._warn_once, scaled)
+        outcome.skip, outcome.value = guard(where, outcome.loss, outcome.gradient, outcome.infos, self._configs, self._warn_once, scaled, outcome.summary)
         return outcome
 
     def _advance_window(self, name: str, step: Callable[[Params], tuple[Params, Any]], gradient: Params) -> None:
@@ -313,8 +314,8 @@ class Engine:
     def _replayed(self, name: str) -> StepOutcome:
         """The captured step (:mod:`betty_like.execution.compiled`); its commit is the captured update."""
         context = {k: v.detach() for w in self._windows.values() if w is not None for k, v in w.params.items()}
-        loss, gradient, commit = self._executions[name].replay(self._batches[name], context)
-        return self._guarded(name, StepOutcome(loss, gradient, lambda _: commit()))
+        loss, gradient, commit, summary = self._executions[name].replay(self._batches[name], context)
+        return self._guarded(name, StepOutcome(loss, gradient, lambda _: commit(), summary=summary))
 
     def _finish(self, name: str, outcome: StepOutcome, value: float | None) -> bool:
         """Clip, commit, step the scheduler, record; returns whether the step was taken (not skipped)."""

@@ -137,6 +137,43 @@ def test_non_finite_loss_skips_the_captured_step_without_writing():
         assert torch.isfinite(b).all()
 
 
+class PoisonedGradient(Fit):
+    """Finite loss, NaN gradient of the first layer's weight on a batch whose marker is 0: ``where`` picks the
+    finite branch, but the other branch's derivative (sqrt of a negative number) is NaN and reaches the weight."""
+
+    def training_step(self, batch):
+        x, y, marker = batch
+        weight = self.module[0].weight
+        guarded = torch.where(marker > 1, torch.sqrt(marker * (1 + weight.sum() ** 2) - 1), torch.zeros(()))
+        return super().training_step((x, y)) + guarded
+
+
+def poisoned_batches():
+    """Batch 2 (a captured step: the first step is eager) carries the marker that poisons the gradient."""
+    return [(x, y, torch.tensor(0.0 if i == 2 else 2.0)) for i, (x, y) in enumerate(data(n=4))]
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_caught_by_the_captured_step():
+    """The captured step computes the non-finite check's norms inside its graph: a NaN gradient entry is
+    still named alone and refused before anything is written, or skipped as the eager step skips it."""
+    engine, problem = single("compiled", OPTIMIZERS["sgd_momentum"], cls=PoisonedGradient, batches=poisoned_batches(), iters=6)
+    engine.run(2)  # eager (creates the optimizer state), then the first captured step
+    assert [c.path for c in engine.execution_choices("fit").values()] == ["compiled"]
+    before = params(problem)
+    with pytest.raises(FloatingPointError, match=r"gradient is NaN/inf in \['fit\.0\.weight'\] while its loss is finite"):
+        engine.run(1)
+    assert all(torch.equal(a, b) for a, b in zip(before, params(problem), strict=True))
+    runs = {}
+    for execution in ("compiled", "eager"):
+        engine, problem = single(execution, OPTIMIZERS["sgd_momentum"], cls=PoisonedGradient, batches=poisoned_batches(),
+                                 iters=6, on_nonfinite="skip")
+        engine.run()
+        runs[execution] = (engine.status("fit").skipped, params(problem))
+    assert runs["compiled"][0] == runs["eager"][0] == 1
+    for a, b in zip(runs["eager"][1], runs["compiled"][1], strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def cg_bilevel(execution):
     torch.manual_seed(0)
     net, scale = nn.Linear(3, 1), Scale()

@@ -110,7 +110,8 @@ class CapturedStep:
             applied = grads if grad_clip is None else clip_grad_norm(grads, grad_clip)
             new_w, new_state = functional.step(w, applied, by_name, hps)
             results = [new_w[n] for n in names] + [new_state[n][k] for n, k in state_keys]
-            return loss, [grads[n] for n in names], results, metrics
+            gradient = [grads[n] for n in names]
+            return loss, gradient, results, metrics, finiteness_summary(loss, gradient)
 
         self._compiled = torch.compile(own_code(step), **compile_options(self.device.type))
 
@@ -130,16 +131,17 @@ class CapturedStep:
             if static != self.group_hyperparameters[i]:
                 self.group_hyperparameters[i] = static
 
-    def __call__(self, batch: Any, context: Params) -> tuple[Tensor, Params, Callable[[], None], dict[str, Any]]:
-        """Run the captured step: ``(loss, gradients, commit, metrics)``; ``commit()`` writes the update in place.
+    def __call__(self, batch: Any, context: Params) -> tuple[Tensor, Params, Callable[[], None], dict[str, Any], Tensor]:
+        """Run the captured step: ``(loss, gradients, commit, metrics, summary)``; ``commit()`` writes the update in place.
 
         Nothing is written until ``commit`` is called, so a non-finite loss can skip the step. ``metrics``
-        are the other entries of a ``training_step`` that returns a dict.
+        are the other entries of a ``training_step`` that returns a dict; ``summary`` is
+        :func:`finiteness_summary` of the loss and gradients, computed inside the graph.
         """
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
-            loss, grads, results, metrics = self._compiled(self.params, self.state_tensors, self.lrs, context, batch)
+            loss, grads, results, metrics, summary = self._compiled(self.params, self.state_tensors, self.lrs, context, batch)
         if self.device.type == "cuda":
             grads = [g.clone() for g in grads]  # the next replay overwrites the graph's output buffers
 
@@ -147,7 +149,18 @@ class CapturedStep:
             with torch.no_grad():
                 torch._foreach_copy_(self._targets, results)
 
-        return loss, dict(zip(self.names, grads, strict=True)), commit, metrics
+        return loss, dict(zip(self.names, grads, strict=True)), commit, metrics, summary
+
+
+def finiteness_summary(loss: Tensor, gradient: list[Tensor]) -> Tensor:
+    """The loss followed by each gradient tensor's norm, in one 1-D tensor: what the engine's non-finite check reads.
+
+    A norm is NaN/inf if any entry is (or if finite entries overflow it, which the check then looks at
+    entry by entry). Inside a captured step these kernels fuse into the graph, so the check costs the
+    step one host read and no extra dispatches; eager steps compute the same with one fused
+    ``_foreach_norm`` (:func:`betty_like._guards.summary_of`).
+    """
+    return torch.stack([loss.detach(), *(torch.linalg.vector_norm(g.detach()) for g in gradient)])
 
 
 def loss_and_metrics(out: Any) -> tuple[Tensor, dict[str, Any]]:

@@ -62,6 +62,14 @@ class ExecutionChoice:
     _replays: int = field(default=0, repr=False)
 
 
+class CaptureFailure(RuntimeError):
+    """The captured step itself failed (its cause says how), as opposed to the engine's checks of its result.
+
+    Only this falls back to eager (``auto``) or is reported as a capture failure (``compiled``): a
+    non-finite loss or gradient of a replayed step raises the same error as an eager step would.
+    """
+
+
 def batch_shape(batch: Any) -> tuple:
     """A hashable key of a batch's structure: what a static captured graph is specialised to."""
     if torch.is_tensor(batch):
@@ -119,19 +127,23 @@ class StepExecution:
             if choice.path == "compiled" and choice._replays:
                 return replay()
             return self._first_replays(choice, replay)
-        except Exception as error:  # any failure to capture: dynamo, the backend compiler, a recompile limit
-            self._capture_failed(choice, error)
+        except CaptureFailure as failure:  # the engine's checks of a replayed step's result propagate as they are
+            self._capture_failed(choice, failure.__cause__ or failure)
             return eager()  # nothing was written: take this step the ordinary way
 
-    def replay(self, batch: Any, context: Params) -> tuple[Tensor, Params, Callable[[], None]]:
-        """The captured step on ``batch``: ``(loss, gradients, commit)``; ``context`` substitutes others' parameters."""
+    def replay(self, batch: Any, context: Params) -> tuple[Tensor, Params, Callable[[], None], Tensor]:
+        """The captured step on ``batch``: ``(loss, gradients, commit, summary)``; ``context`` substitutes others'
+        parameters; ``summary`` holds the loss and gradient norms the non-finite check reads."""
         captured = self._captured
         if captured is None:
             raise RuntimeError(f"problem {self.owner!r}: replay before the first eager step (engine bug)")
         captured.refresh(self.functional)
-        loss, gradient, commit, metrics = captured(batch, context)
+        try:
+            loss, gradient, commit, metrics, summary = captured(batch, context)
+        except Exception as error:  # dynamo, the backend compiler, a recompile limit
+            raise CaptureFailure(f"problem {self.owner!r}: its captured step failed") from error
         self._record(self.owner, metrics)
-        return loss, gradient, commit
+        return loss, gradient, commit, summary
 
     def _new_choice(self, key: tuple) -> ExecutionChoice:
         if len(self.choices) >= MAX_SHAPES:
