@@ -171,11 +171,6 @@ def test_captured_and_rematerialized_steps_are_refused_under_data_parallel(one_r
         bilevel(ProblemConfig(unroll_memory="remat"))
 
 
-# measured (docs/distributed.md, "Micro-batches in one process"): bit for bit, except fixed_point at three levels
-# (to float32 rounding)
-NOT_BIT_EXACT = {"fixed_point/3"}
-
-
 @pytest.fixture
 def one_thread():
     """The ranks run with OMP_NUM_THREADS=1: a float32 matmul split over threads rounds differently."""
@@ -189,16 +184,13 @@ def one_thread():
 
 def check_equal_to_micro_batches(ranks: list[dict], scenario: str) -> None:
     """Both ranks' upper gradients of all iterations and final parameters against one process with
-    ``accumulate_steps=2`` on every problem."""
+    ``accumulate_steps=2`` on every problem: bit for bit (docs/distributed.md, "Micro-batches in one process")."""
     reference = dist_worker.run(scenario, distributed=False, accumulate=2)
     for rank in ranks:
         difference = float((rank[scenario]["gradients"] - reference["gradients"]).abs().max())
         params = max(float((rank[scenario]["params"][k] - v).abs().max()) for k, v in reference["params"].items())
         print(f"{scenario}: gradient difference {difference:.3g}, parameter difference {params:.3g}")
-        if scenario in NOT_BIT_EXACT:
-            assert relative_error(rank[scenario]["gradients"], reference["gradients"]) < 1e-5  # as against one whole batch
-        else:
-            assert difference == 0.0 and params == 0.0
+        assert difference == 0.0 and params == 0.0
 
 
 @pytest.mark.parametrize("scenario", METHODS)

@@ -31,6 +31,13 @@ def update_residual(ctx: HypergradContext) -> Residual:
     Under data parallel the objective's gradient on a rank is ``1 / ranks`` of the global one: the
     update is taken of the global gradient (the step the ranks take together, for any optimizer) and
     the residual divided back, so that the ranks' parts still sum to it.
+
+    The division is there in one process too (by 1, exact), for the shape of the graph: where a product
+    ``u -> (dr/dw)^T u`` is differentiated in ``u`` (a middle level's push at three levels), ``u`` enters
+    it through the division's backward, so the derivatives of its two uses (the terms ``w`` and ``Phi``)
+    are summed there, ``b + c``, before they meet what else reaches that vector, ``a``. Two ranks compute
+    ``(b + c) / 2 + a / 2``; without the node one process computed ``(a + b) + c``, a rounding apart
+    (1.7e-7 on the top gradient of the three-level test, docs/distributed.md).
     """
 
     def residual(w: Params, x: Params) -> Params:
@@ -38,9 +45,7 @@ def update_residual(ctx: HypergradContext) -> Residual:
         if ctx.ranks > 1:
             gradient = {k: g * ctx.ranks for k, g in gradient.items()}
         stepped, _ = ctx.optimizer.step(w, gradient)
-        if ctx.ranks > 1:
-            return {k: (w[k] - stepped[k]) / ctx.ranks for k in w}
-        return {k: w[k] - stepped[k] for k in w}
+        return {k: (w[k] - stepped[k]) / ctx.ranks for k in w}
 
     return residual
 
