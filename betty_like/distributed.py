@@ -9,12 +9,12 @@ explicit and the arithmetic is that of one process:
   loss is its global value (the same shards, all of them in one process, are
   ``ProblemConfig(accumulate_steps=n)``: :func:`~._data.split_batch`);
 - every loss reads its parameters through :meth:`DataParallel.averaged`: the identity, whose backward
-  averages the derivative reaching them over ranks (one flat all-reduce per backward through an
-  evaluation). Every derivative beyond a loss, of any order and through any number of evaluations
-  (unrolled windows, finite differences, nested solves), is then the same on every rank: its global
-  value divided by the world size. With two ranks that division and every sum of the halves below are
-  exact, so the result equals, bit for bit, one process whose micro-batches meet in one view before
-  each parameter (see ``Engine._accumulated``);
+  averages the derivative reaching them over ranks (one flat all-reduce per problem it reaches, per
+  backward through an evaluation). Every derivative beyond a loss, of any order and through any
+  number of evaluations (unrolled windows, finite differences, nested solves), is then the same on
+  every rank: its global value divided by the world size. With two ranks that division and every sum
+  of the halves below are exact, so the result equals, bit for bit, one process whose micro-batches
+  meet in one view before each parameter (see ``Engine._accumulated``);
 - a step's gradient is summed over ranks (its loss too, for the record), an unrolled step's by a
   differentiable all-reduce; a push sums the vector it is given, every Hessian-vector product of its
   solve (through the traversal's ``matvec_wrap``: compiled and Gauss-Newton products are each rank's
@@ -69,8 +69,8 @@ class _FlatSum(torch.autograd.Function):
 
 
 class _Averaged(torch.autograd.Function):
-    """The identity on replicated tensors read by this rank's loss; a derivative reaching them is
-    averaged over ranks (one flat all-reduce), so every rank holds the same value.
+    """The identity on replicated tensors of one problem read by this rank's loss; a derivative reaching
+    them is averaged over ranks (one flat all-reduce), so every rank holds the same value.
 
     Averaged, not summed, so that each rank's part still sums over ranks to the global derivative and
     the reductions downstream stay as they are. With two ranks every step is exact (halving and adding
@@ -145,15 +145,34 @@ class DataParallel:
 
     def averaged(self, values: Params) -> Params:
         """``values`` as this rank's loss reads them: every derivative reaching them is their mean over
-        ranks (:class:`_Averaged`). Each comes out as its own view: the outputs of one autograd function
-        share one node, and the loss audit (``_audit.py``) tells the problems a loss reads by node."""
+        ranks (:class:`_Averaged`).
+
+        One averaging node per problem (keys ``"<problem>.<param>"``), not one for all: autograd runs a
+        node's backward whenever *any* of its inputs leads to what is differentiated, and the node's
+        backward (its :class:`_FlatSum`, differentiated again by every Hessian-vector product) joins its
+        tensors likewise. One node over every problem a loss reads tied each problem's derivative to the
+        others': at three levels, differentiating the middle level's gradient in the top's parameter went
+        through the lowest level's push (which reads no top parameter) only because its cotangent came out
+        of the node that also held the top's, and ran two adjoint solves (16 to 25 Hessian-vector products
+        and their all-reduces per top step) that add exact zeros, which one process with
+        ``accumulate_steps`` (one view per tensor) skips. Per problem the graph prunes as one process's
+        does (a best response, a window's step and a push take all of a problem's tensors together, so
+        finer groups prune nothing more) and a problem the derivative does not reach is not all-reduced;
+        the price is one all-reduce per problem a backward reaches instead of one per backward. The same
+        program on every rank builds the same nodes, so every rank runs the same collectives in the same
+        order. Each tensor comes out as its own view: the outputs of one autograd function share one
+        node, and the loss audit (``_audit.py``) tells the problems a loss reads by node."""
         if not self.active:
             return values
-        keys = [k for k, t in values.items() if t.requires_grad]
-        if not keys:
-            return values
-        averaged = _Averaged.apply(*(values[k] for k in keys))
-        return {**values, **{k: t.view_as(t) for k, t in zip(keys, averaged, strict=True)}}
+        problems: dict[str, list[str]] = {}
+        for k, t in values.items():
+            if t.requires_grad:
+                problems.setdefault(k.split(".", 1)[0], []).append(k)
+        read = dict(values)
+        for keys in problems.values():
+            averaged = _Averaged.apply(*(values[k] for k in keys))
+            read.update({k: t.view_as(t) for k, t in zip(keys, averaged, strict=True)})
+        return read
 
     def sum(self, params: Params) -> Params:
         """A sum over ranks of a vector (differentiable when it has a graph)."""

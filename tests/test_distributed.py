@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import dist_worker
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from toy import bilevel
 
 from betty_like import ProblemConfig
+from betty_like.hypergrad import LinearSystem
 
 METHODS = list(dist_worker.CONFIGS)
 THREE_LEVELS = [f"{m}/3" for m in METHODS]
@@ -149,7 +151,7 @@ def test_micro_batches_on_every_rank_equal_one_process(ranks):
 
 @pytest.mark.parametrize("hypergrad", ["cg", "unroll"])
 def test_the_loss_audit_sees_which_problems_an_averaged_loss_reads(one_rank, caplog, hypergrad):
-    """Under data parallel every loss reads its parameters through one averaging node: the audit, which tells
+    """Under data parallel every loss reads its parameters through averaging nodes (one per problem): the audit, which tells
     the problems a loss reads by node, must still see the inner loss reading the outer one (no false
     "ignores" warning, no false "reads a problem it has no edge to" error)."""
     engine, outer, inner = bilevel(ProblemConfig(hypergrad=hypergrad))
@@ -157,6 +159,33 @@ def test_the_loss_audit_sees_which_problems_an_averaged_loss_reads(one_rank, cap
         engine.run(3)
     assert not [r.message for r in caplog.records if "does not depend on the parameters" in r.message]
     assert engine.status("outer").steps > 0
+
+
+@pytest.mark.parametrize("scenario", ["cg/3", "neumann/3"])
+def test_data_parallel_solves_what_one_process_solves_at_three_levels(one_rank, monkeypatch, scenario):
+    """Averaged reads must not tie one problem's derivative to another's: with one node over all problems
+    a top step under data parallel ran two adjoint solves more than one process (through the lowest level's
+    push, whose cotangent came out of the node that also held the top's parameter), adding exact zeros."""
+    counts = {"solves": 0, "products": 0}
+    solve = LinearSystem.solve
+
+    def counted(system, b):
+        def matvec(u, create_graph):
+            counts["products"] += 1
+            return system.matvec(u, create_graph)
+
+        counts["solves"] += 1
+        return solve(replace(system, matvec=matvec), b)
+
+    monkeypatch.setattr(LinearSystem, "solve", counted)
+    work = []
+    for distributed in (True, False):
+        engine, _ = dist_worker.build(scenario, distributed, accumulate=1 if distributed else 2)
+        counts.update(solves=0, products=0)
+        engine.run(2)  # the top steps in the second iteration
+        assert engine.status("top").steps == 1
+        work.append(dict(counts))
+    assert work[0] == work[1]
 
 
 def test_kfac_is_refused_under_data_parallel(one_rank):
