@@ -87,10 +87,10 @@ class _Averaged(torch.autograd.Function):
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
-    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        present = [i for i, g in enumerate(grads) if g is not None]  # the same on every rank: the same program
-        summed = dict(zip(present, _FlatSum.apply(*(grads[i] for i in present)), strict=True)) if present else {}
-        return tuple(summed[i] / ctx.world if i in summed else None for i in range(len(grads)))
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor, ...]:
+        # autograd hands zeros for outputs the derivative does not reach (materialized gradients), so every
+        # rank all-reduces the same tensors
+        return tuple(g / ctx.world for g in _FlatSum.apply(*grads))
 
 
 def _flat_sum(tensors: list[Tensor]) -> list[Tensor]:
