@@ -158,7 +158,11 @@ def finiteness_summary(loss: Tensor, gradient: list[Tensor]) -> Tensor:
     A norm is NaN/inf if any entry is (or if finite entries overflow it, which the check then looks at
     entry by entry). Inside a captured step these kernels fuse into the graph, so the check costs the
     step one host read and no extra dispatches; eager steps compute the same with one fused
-    ``_foreach_norm`` (:func:`betty_like._guards.summary_of`).
+    ``_foreach_norm`` (:func:`betty_like._guards.summary_of`). That function is not reused here:
+    inductor has no C++ kernel for ``_foreach_norm`` (it falls back to a proxy call), and in torch 2.13
+    the captured step with that fallback under the C++ wrapper crashed the process (a segmentation
+    fault at the first replay of the ridge step in ``benchmarks/engine_overhead.py``); per-tensor
+    ``vector_norm`` compiles to inductor's own kernels.
     """
     return torch.stack([loss.detach(), *(torch.linalg.vector_norm(g.detach()) for g in gradient)])
 
